@@ -1,0 +1,477 @@
+"""The distillation step: frozen teachers and biased model, teacher weighting, weighted KD,
+cross-entropy and multi-layer feature losses, one optax update. Pure; compiled with
+`jax.jit` on one device and `jax.pmap(axis_name='batch')` across devices from one body.
+
+Shapes: B = per-device batch, M = number of teachers, C = classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from agre_jax import losses, models, weighting
+
+TEACHER_MAPS = ("lax_map", "vmap")
+AXIS_NAME = "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Static settings of the step (hashable; validated on construction).
+
+    Attributes:
+      temperature: tau of the KD loss.
+      alpha: L = alpha * L_wKD + (1 - alpha) * CE + L_feat.
+      weighting: one of weighting.METHODS.
+      grad_scope: 'full' (all student parameters, the paper's theta) or 'last_layer' (fc).
+      normalize_grads: cosine (paper) or raw dot product (paper Table 6 ablation).
+      empty_rows: 'uniform' or 'drop' for rows where every teacher pulls with the biased model.
+      chunk_size: samples per vmapped chunk of the per-sample Gram computation.
+      batch_min_weight: lower clip of `agre_batch` weights before normalising.
+      gammas: ((layer, gamma), ...) for the feature loss; gamma 0 layers are ignored.
+      feature_loss: 'mse' (through 1x1-conv / Dense adapters) or 'attention'.
+      feature_dropout: feature-channel dropout rate in the feature loss.
+      teacher_map: 'lax_map' or 'vmap' over a stack of teachers.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 1.0
+    weighting: str = "agre"
+    grad_scope: str = "full"
+    normalize_grads: bool = True
+    empty_rows: str = "uniform"
+    chunk_size: int = 8
+    batch_min_weight: float = 0.01
+    gammas: tuple[tuple[str, float], ...] = ()
+    feature_loss: str = "mse"
+    feature_dropout: float = 0.0
+    teacher_map: str = "lax_map"
+
+    def __post_init__(self):
+        def check(ok: bool, what: str):
+            if not ok:
+                raise ValueError(f"invalid distillation config: {what}")
+
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        check(
+            self.weighting in weighting.METHODS,
+            f"unknown weighting {self.weighting!r}; expected one of {weighting.METHODS}",
+        )
+        check(
+            self.grad_scope in weighting.GRAD_SCOPES,
+            f"unknown grad_scope {self.grad_scope!r}; expected one of {weighting.GRAD_SCOPES}",
+        )
+        check(
+            self.empty_rows in weighting.EMPTY_ROWS,
+            f"unknown empty_rows {self.empty_rows!r}; expected one of {weighting.EMPTY_ROWS}",
+        )
+        check(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        check(
+            0.0 <= self.batch_min_weight < 1.0,
+            f"batch_min_weight must be in [0, 1), got {self.batch_min_weight}",
+        )
+        names = [name for name, _ in self.gammas]
+        unknown = [n for n in names if n not in models.LAYERS]
+        check(not unknown, f"unknown feature layers {unknown}; expected any of {models.LAYERS}")
+        check(len(set(names)) == len(names), f"feature layers listed twice: {names}")
+        negative = {n: g for n, g in self.gammas if not g >= 0}
+        check(not negative, f"gammas must be >= 0, got {negative}")
+        check(
+            self.feature_loss in losses.FEATURE_LOSSES,
+            f"unknown feature_loss {self.feature_loss!r}; expected one of {losses.FEATURE_LOSSES}",
+        )
+        check(
+            not (self.feature_loss == "attention" and "pooled" in self.feature_layers),
+            "attention transfer needs spatial layers; 'pooled' has none",
+        )
+        check(
+            0.0 <= self.feature_dropout < 1.0,
+            f"feature_dropout must be in [0, 1), got {self.feature_dropout}",
+        )
+        check(
+            self.teacher_map in TEACHER_MAPS,
+            f"unknown teacher_map {self.teacher_map!r}; expected one of {TEACHER_MAPS}",
+        )
+
+    @property
+    def feature_layers(self) -> tuple[str, ...]:
+        """Layers with gamma > 0, in models.LAYERS order."""
+        active = {name for name, gamma in self.gammas if gamma > 0}
+        return tuple(name for name in models.LAYERS if name in active)
+
+    @property
+    def needs_gram(self) -> bool:
+        """Whether agre needs per-sample Gram matrices (not the two-class closed form)."""
+        return self.weighting == "agre" and self.grad_scope == "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+    """Static description of the frozen models.
+
+    Attributes:
+      teachers: one model per architecture group; the group's variables are stacked on a
+        leading axis of size `group_sizes[g]` in the frozen pytree.
+      group_sizes: teachers per group (M = sum).
+      biased: a separate biased model, or None when it shares a teacher's backbone.
+      biased_backbone: (group, index) of the teacher whose backbone the biased model shares
+        (e.g. the ERM version of a DFR teacher); its own `fc` head is in the frozen pytree.
+    """
+
+    teachers: tuple[models.ResNet, ...]
+    group_sizes: tuple[int, ...]
+    biased: models.ResNet | None = None
+    biased_backbone: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if len(self.teachers) != len(self.group_sizes) or not self.teachers:
+            raise ValueError("need one group size per teacher architecture group")
+        if min(self.group_sizes) < 1:
+            raise ValueError(f"every teacher group needs >= 1 teacher, got {self.group_sizes}")
+        if (self.biased is None) == (self.biased_backbone is None):
+            raise ValueError("give exactly one of a biased model or a shared teacher backbone")
+        if self.biased_backbone is not None:
+            g, i = self.biased_backbone
+            if not (0 <= g < len(self.teachers) and 0 <= i < self.group_sizes[g]):
+                raise ValueError(f"biased_backbone {self.biased_backbone} is not a teacher")
+
+    @property
+    def num_teachers(self) -> int:
+        return sum(self.group_sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """Student, adapters and frozen ensemble (static parts of the step)."""
+
+    student: models.ResNet
+    adapters: models.FeatureAdapters | None
+    ensemble: Ensemble
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """What is trained: {'student', 'adapters'} params, the student's BatchNorm statistics,
+    the optimiser state and the step. Teachers are never part of it."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def create_models(student: models.ResNet, ensemble: Ensemble, cfg: DistillConfig) -> Models:
+    """Validates the models against the config and builds the adapters."""
+    classes = {("teacher group", g): m.num_classes for g, m in enumerate(ensemble.teachers)}
+    if ensemble.biased is not None:
+        classes[("biased model", 0)] = ensemble.biased.num_classes
+    wrong = {
+        k[0] + (f" {k[1]}" if k[0] != "biased model" else ""): c
+        for k, c in classes.items()
+        if c != student.num_classes
+    }
+    if wrong:
+        raise ValueError(
+            f"class counts disagree: the student has {student.num_classes} classes but {wrong}"
+        )
+    layers = cfg.feature_layers
+    adapters = None
+    if layers:
+        widths = {k: models.feature_channels(m) for k, m in enumerate(ensemble.teachers)}
+        strides = {k: models.feature_strides(m) for k, m in enumerate(ensemble.teachers)}
+        for k in widths:
+            for name in layers:
+                if widths[k][name] != widths[0][name] or (
+                    name != "pooled" and strides[k][name] != strides[0][name]
+                ):
+                    raise ValueError(
+                        f"feature distillation of {name!r} needs teachers of equal feature "
+                        "shapes; teacher groups 0 and {k} differ"
+                    )
+        s_strides = models.feature_strides(student)
+        for name in layers:
+            if name != "pooled" and s_strides[name] > strides[0][name]:
+                raise ValueError(
+                    f"student {name} is coarser (stride {s_strides[name]}) than the teachers' "
+                    f"(stride {strides[0][name]}): cannot pool it to the teacher's size"
+                )
+        if cfg.feature_loss == "mse":
+            adapters = models.create_adapters(student, ensemble.teachers[0], layers)
+    return Models(student=student, adapters=adapters, ensemble=ensemble)
+
+
+def create_train_state(
+    mdl: Models,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    image_size: int,
+    student_variables: Mapping[str, Any] | None = None,
+) -> TrainState:
+    """Initial state: student variables (given, e.g. ported ImageNet weights, or fresh) and
+    fresh adapters."""
+    s_rng, a_rng = jax.random.split(rng)
+    if student_variables is None:
+        student_variables = models.init(mdl.student, s_rng, image_size)
+    params = {"student": student_variables["params"], "adapters": {}}
+    if mdl.adapters is not None:
+        dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        _, feats = jax.eval_shape(
+            functools.partial(
+                models.apply_with_features, mdl.student, layers=tuple(mdl.adapters.student_channels)
+            ),
+            student_variables,
+            dummy,
+        )
+        feats = {k: jnp.zeros(v.shape, jnp.float32) for k, v in feats.items()}
+        params["adapters"] = mdl.adapters.init(a_rng, feats).get("params", {})
+    params = jax.tree.map(jnp.asarray, params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=jax.tree.map(jnp.asarray, student_variables["batch_stats"]),
+        opt_state=tx.init(params),
+    )
+
+
+def stack_variables(variables: Sequence[Mapping[str, Any]]) -> Any:
+    """Stacks same-architecture variables on a new leading axis: M trees -> one [M, ...] tree."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[dict(v) for v in variables])
+
+
+def ensemble_forward(
+    ens: Ensemble,
+    frozen: Mapping[str, Any],
+    images: jax.Array,
+    layers: tuple[str, ...],
+    teacher_map: str = "lax_map",
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """Inference-mode forwards of every teacher (each backbone once) and of the biased model.
+
+    Args:
+      frozen: {'teachers': (stacked variables per group), 'biased': variables of the separate
+        biased model, or {'kernel': [D, C], 'bias': [C]}, its head on a shared backbone}.
+      images: [B, H, W, 3].
+      layers: teacher feature layers to return.
+
+    Returns:
+      (teacher logits [M, B, C], {layer: [M, B, ...]}, biased logits [B, C]).
+    """
+    shared = ens.biased_backbone is not None
+    wanted = layers + (("pooled",) if shared and "pooled" not in layers else ())
+    logits, feats = [], []
+    for model, stacked in zip(ens.teachers, frozen["teachers"], strict=True):
+        fwd = functools.partial(models.apply_with_features, model, images=images, layers=wanted)
+        if teacher_map == "vmap":
+            out = jax.vmap(lambda v, f=fwd: f(v))(stacked)
+        else:
+            out = jax.lax.map(lambda v, f=fwd: f(v), stacked)
+        logits.append(out[0])
+        feats.append(out[1])
+    if shared:
+        g, i = ens.biased_backbone
+        head = frozen["biased"]
+        pooled = feats[g]["pooled"][i].astype(jnp.float32)
+        b_logits = pooled @ head["kernel"] + head["bias"]
+    else:
+        b_logits = ens.biased.apply(frozen["biased"], images, train=False)
+    t_logits = jnp.concatenate(logits, axis=0)
+    t_feats = {name: jnp.concatenate([f[name] for f in feats], axis=0) for name in layers}
+    return jax.lax.stop_gradient((t_logits, t_feats, b_logits))
+
+
+def teacher_weights(
+    cfg: DistillConfig,
+    *,
+    s_logits: jax.Array,
+    t_logits: jax.Array,
+    b_logits: jax.Array,
+    rng: jax.Array,
+    logit_fn: weighting.LogitFn,
+    student_params: Any,
+    images: jax.Array,
+    pooled: jax.Array | None,
+    axis_name: str | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """[B, M] weights of the configured method (constants for the loss) and their metrics.
+
+    `logit_fn` evaluates the student with this batch's BatchNorm statistics held fixed, the
+    convention of every per-sample and batch-mean gradient here.
+    """
+    b, m = s_logits.shape[0], t_logits.shape[0]
+    if cfg.weighting == "aver":
+        w = weighting.uniform(b, m)
+        return w, weighting.weight_metrics(w)
+    if cfg.weighting == "random":
+        w = weighting.random_teacher(rng, b, m)
+        return w, weighting.weight_metrics(w)
+    g_t, g_b = weighting.kd_grads(s_logits, t_logits, b_logits, cfg.temperature)
+    if cfg.weighting == "agre_batch":
+        g_refs = jnp.concatenate([g_t, g_b[None]], axis=0)
+        if cfg.grad_scope == "full":
+            grads = weighting.batch_mean_grads(logit_fn, student_params, images, g_refs)
+        else:
+            grads = weighting.last_layer_batch_grads(pooled, g_refs)
+        per_teacher = weighting.agre_batch_weights(
+            grads,
+            normalize_grads=cfg.normalize_grads,
+            min_weight=cfg.batch_min_weight,
+            axis_name=axis_name,
+        )
+        w = jnp.broadcast_to(per_teacher, (b, m))
+        return w, weighting.weight_metrics(w)
+    c = s_logits.shape[-1]
+    if c == 2 and cfg.normalize_grads:
+        gram = None  # exact closed form, any parameter scope
+    elif cfg.grad_scope == "full":
+        gram = weighting.per_sample_gram(logit_fn, student_params, images, cfg.chunk_size)
+    else:
+        gram = weighting.last_layer_gram(pooled, c)
+    w, empty = weighting.agre_weights(
+        g_t, g_b, gram=gram, normalize_grads=cfg.normalize_grads, empty_rows=cfg.empty_rows
+    )
+    return w, weighting.weight_metrics(w, empty)
+
+
+def distill_step(
+    state: TrainState,
+    frozen: Mapping[str, Any],
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    mdl: Models,
+    cfg: DistillConfig,
+    tx: optax.GradientTransformation,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One distillation update.
+
+    Args:
+      state: the TrainState (replicated under pmap).
+      frozen: teachers and biased model, see `ensemble_forward`.
+      batch: {'image': [B, H, W, 3], 'label': [B]} (per device under pmap).
+      rng: the step's key, identical on every device (one random teacher per global batch).
+      mdl, cfg, tx: static parts, bound with functools.partial.
+      axis_name: the pmap axis, or None under jit.
+
+    Returns:
+      (new state, metrics averaged over devices).
+    """
+    images, labels = batch["image"], batch["label"]
+    chex.assert_rank(images, 4)
+    layers = cfg.feature_layers
+    ens = mdl.ensemble
+    t_logits, t_feats, b_logits = ensemble_forward(
+        ens, frozen, images, layers, teacher_map=cfg.teacher_map
+    )
+    chex.assert_shape(t_logits, (ens.num_teachers, images.shape[0], mdl.student.num_classes))
+
+    # Student forward in training mode; momentum 0 makes the returned statistics exactly this
+    # batch's, which the Gram matrices hold constant and the running averages absorb below.
+    need_pooled = cfg.grad_scope == "last_layer" and cfg.weighting in ("agre", "agre_batch")
+    s_layers = tuple(n for n in models.LAYERS if n in layers or (n == "pooled" and need_pooled))
+    student_train = mdl.student.clone(bn_momentum=0.0, bn_axis_name=axis_name)
+
+    def forward(p):
+        variables = {"params": p, "batch_stats": state.batch_stats}
+        logits, feats, bstats = models.apply_with_features(
+            student_train, variables, images, train=True, layers=s_layers
+        )
+        return (logits, feats), bstats
+
+    (s_logits, s_feats), vjp_fn, batch_bn = jax.vjp(forward, state.params["student"], has_aux=True)
+
+    def logit_fn(p, x):
+        return mdl.student.apply({"params": p, "batch_stats": batch_bn}, x, train=False)
+
+    rng_weights, rng_dropout = jax.random.split(rng)
+    if axis_name is not None:
+        rng_dropout = jax.random.fold_in(rng_dropout, jax.lax.axis_index(axis_name))
+    weights, metrics = teacher_weights(
+        cfg,
+        s_logits=jax.lax.stop_gradient(s_logits),
+        t_logits=t_logits,
+        b_logits=b_logits,
+        rng=rng_weights,
+        logit_fn=logit_fn,
+        student_params=state.params["student"],
+        images=images,
+        pooled=s_feats.get("pooled"),
+        axis_name=axis_name,
+    )
+    weights = jax.lax.stop_gradient(weights)
+    keep = jnp.sum(weights, axis=-1)  # 1, or 0 for dropped rows
+
+    def head_loss(adapter_params, logits, feats):
+        kd = losses.kd_loss(logits, t_logits, cfg.temperature)  # [M, B]
+        l_kd = jnp.sum(weights.T * kd) / logits.shape[0]
+        l_ce = jnp.mean(losses.cross_entropy(logits, labels))
+        loss = cfg.alpha * l_kd + (1.0 - cfg.alpha) * l_ce
+        aux = {"kd_loss": l_kd, "ce_loss": l_ce}
+        aux.update({f"kd/{t}": v for t, v in enumerate(jnp.mean(kd, axis=1))})
+        if layers:
+            student_feats = {k: feats[k] for k in layers}
+            if mdl.adapters is not None:
+                student_feats = mdl.adapters.apply({"params": adapter_params}, student_feats)
+            targets = {
+                k: jnp.einsum("bm,mb...->b...", weights, t_feats[k].astype(jnp.float32))
+                for k in layers
+            }
+            l_feat, per_layer = losses.feature_loss(
+                student_feats,
+                targets,
+                dict(cfg.gammas),
+                kind=cfg.feature_loss,
+                dropout_rate=cfg.feature_dropout,
+                rng=rng_dropout,
+                sample_weight=keep,
+            )
+            loss = loss + l_feat
+            aux["feat_loss"] = l_feat
+            aux.update({f"feat/{k}": v for k, v in per_layer.items()})
+        return loss, aux
+
+    (loss, aux), (g_adapters, g_logits, g_feats) = jax.value_and_grad(
+        head_loss, argnums=(0, 1, 2), has_aux=True
+    )(state.params["adapters"], s_logits, s_feats)
+    (g_student,) = vjp_fn((g_logits, g_feats))
+    grads = {"student": g_student, "adapters": g_adapters}
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    momentum = mdl.student.bn_momentum
+    batch_stats = jax.tree.map(
+        lambda old, new: momentum * old + (1.0 - momentum) * new, state.batch_stats, batch_bn
+    )
+
+    metrics.update(aux)
+    metrics["loss"] = loss
+    metrics["accuracy"] = jnp.mean(jnp.argmax(s_logits, -1) == labels)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if axis_name is not None:
+        metrics = jax.lax.pmean(metrics, axis_name)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def compile_step(
+    mdl: Models, cfg: DistillConfig, tx: optax.GradientTransformation, *, pmap: bool
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`distill_step` bound to its static parts, jitted, or pmapped over local devices with
+    every argument but the batch replicated (leading device axis)."""
+    if pmap:
+        step = functools.partial(distill_step, mdl=mdl, cfg=cfg, tx=tx, axis_name=AXIS_NAME)
+        return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))
+    step = functools.partial(distill_step, mdl=mdl, cfg=cfg, tx=tx, axis_name=None)
+    return jax.jit(step, donate_argnums=(0,))

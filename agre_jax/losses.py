@@ -1,0 +1,173 @@
+"""Distillation losses as plain jnp functions with per-sample outputs.
+
+- `kd_loss`: tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)) per sample (paper Eq. 1).
+- `kd_logit_grad`: its closed-form gradient with respect to the student's logits.
+- `cross_entropy`: with integer labels, per sample.
+- `feature_loss`: the plan's multi-layer feature loss sum_l gamma_l * D(s_l, t_l) with D the
+  mean squared error (FitNets-style, after the adapters) or attention transfer (Zagoruyko &
+  Komodakis), optionally with feature-channel dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+
+FEATURE_LOSSES = ("mse", "attention")
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """Per-sample KD loss tau^2 * KL(p_t || p_s), p = softmax(z / tau).
+
+    Args:
+      student_logits: [B, C].
+      teacher_logits: [..., B, C] (e.g. [M, B, C] for M teachers).
+      temperature: tau > 0.
+
+    Returns:
+      [..., B] losses; `mean` over B equals torch's `kl_div(log_softmax(z_s / tau),
+      softmax(z_t / tau), reduction='batchmean') * tau**2`.
+    """
+    chex.assert_rank(student_logits, 2)
+    log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_pt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    return temperature**2 * kl
+
+
+def kd_logit_grad(
+    student_logits: jax.Array, reference_logits: jax.Array, temperature: float
+) -> jax.Array:
+    """d kd_loss / d z_s = tau * (softmax(z_s / tau) - softmax(z_r / tau)).
+
+    Args:
+      student_logits: [B, C].
+      reference_logits: [..., B, C].
+
+    Returns:
+      [..., B, C] per-sample gradients with respect to the student's logits.
+    """
+    ps = jax.nn.softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    pr = jax.nn.softmax(reference_logits.astype(jnp.float32) / temperature, axis=-1)
+    return temperature * (ps - pr)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-sample softmax cross-entropy: logits [B, C], integer labels [B] -> [B]."""
+    chex.assert_rank(logits, 2)
+    chex.assert_rank(labels, 1)
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def pool_to(x: jax.Array, spatial: tuple[int, int]) -> jax.Array:
+    """Average-pools [B, H, W, C] to [B, h, w, C] when H, W are integer multiples of h, w."""
+    b, h, w, c = x.shape
+    th, tw = spatial
+    if (h, w) == (th, tw):
+        return x
+    if h % th or w % tw or h < th or w < tw:
+        raise ValueError(
+            f"cannot pool a {h}x{w} student map to the teacher's {th}x{tw}: the student map "
+            "must be an integer multiple of the teacher's"
+        )
+    return x.reshape(b, th, h // th, tw, w // tw, c).mean(axis=(2, 4))
+
+
+def attention_map(x: jax.Array) -> jax.Array:
+    """Zagoruyko & Komodakis attention: [B, H, W, C] -> [B, H*W], the channel mean of squared
+    activations, L2-normalised per sample."""
+    a = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1).reshape(x.shape[0], -1)
+    return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+def _channel_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """A {0, 1} mask of shape [B, 1, ..., 1, C] keeping each (sample, channel) w.p. 1 - rate."""
+    mask_shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+    return jax.random.bernoulli(rng, 1.0 - rate, mask_shape).astype(jnp.float32)
+
+
+def _per_sample_mse(s: jax.Array, t: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean squared error per sample over the kept elements: [B, ...] -> [B]."""
+    d = jnp.square(s.astype(jnp.float32) - t.astype(jnp.float32))
+    axes = tuple(range(1, d.ndim))
+    if mask is None:
+        return jnp.mean(d, axis=axes)
+    mask = jnp.broadcast_to(mask, d.shape)
+    # Unbiased for the plain MSE: the sum over kept elements divided by their number.
+    return jnp.sum(d * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
+
+
+def feature_loss(
+    student: Mapping[str, jax.Array],
+    teacher: Mapping[str, jax.Array],
+    gammas: Mapping[str, float],
+    *,
+    kind: str = "mse",
+    dropout_rate: float = 0.0,
+    rng: jax.Array | None = None,
+    sample_weight: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Multi-layer feature loss L_feat = sum_l gamma_l * D(student_l, teacher_l).
+
+    Args:
+      student: {layer: [B, H, W, C] or [B, C]}; for `kind='mse'` already mapped to the
+        teacher's width by the adapters. A larger student map is average-pooled to the
+        teacher's spatial size.
+      teacher: {layer: same-shaped target} (e.g. the teacher-weighted average).
+      gammas: {layer: gamma >= 0}; layers with gamma 0 are skipped.
+      kind: 'mse' (mean over all elements) or 'attention' (attention transfer on the
+        normalised channel-mean squared maps; `pooled` is not spatial and is rejected).
+      dropout_rate: feature-channel dropout: the same random (sample, channel) mask is applied
+        to student and teacher features and the mean is over kept elements.
+      rng: key for the dropout mask (required when dropout_rate > 0).
+      sample_weight: optional [B] weights (e.g. 0 for samples dropped from distillation);
+        the loss is then sum_i w_i D_i / B.
+
+    Returns:
+      (total, {layer: unweighted D_l}) as float32 scalars.
+    """
+    if kind not in FEATURE_LOSSES:
+        raise ValueError(f"unknown feature loss {kind!r}; expected one of {FEATURE_LOSSES}")
+    if dropout_rate > 0 and rng is None:
+        raise ValueError("feature dropout needs an rng")
+    total = jnp.zeros((), jnp.float32)
+    per_layer = {}
+    for i, (name, gamma) in enumerate(sorted(gammas.items())):
+        if gamma == 0:
+            continue
+        s, t = student[name], teacher[name]
+        if s.ndim == 4:
+            s = pool_to(s, t.shape[1:3])
+        mask_s = mask_t = None
+        if dropout_rate > 0:
+            if kind == "mse":
+                chex.assert_equal_shape([s, t])
+            mask_s = _channel_mask(jax.random.fold_in(rng, i), s.shape, dropout_rate)
+            mask_t = mask_s if kind == "mse" else None
+        if kind == "mse":
+            chex.assert_equal_shape([s, t])
+            d = _per_sample_mse(s, t, mask_s)
+        else:
+            if s.ndim != 4:
+                raise ValueError(f"attention transfer needs a spatial layer, not {name!r}")
+            if mask_s is not None:
+                # Same channel mask on both sides when the widths agree; otherwise each side
+                # drops its own channels (attention maps are width-free).
+                mask_t = (
+                    mask_s
+                    if s.shape[-1] == t.shape[-1]
+                    else _channel_mask(jax.random.fold_in(rng, 1000 + i), t.shape, dropout_rate)
+                )
+                s, t = s * mask_s, t * mask_t
+            d = jnp.mean(jnp.square(attention_map(s) - attention_map(t)), axis=-1)
+        if sample_weight is None:
+            layer_loss = jnp.mean(d)
+        else:
+            layer_loss = jnp.sum(d * sample_weight) / d.shape[0]
+        per_layer[name] = layer_loss
+        total = total + gamma * layer_loss
+    return total, per_layer

@@ -1,0 +1,240 @@
+"""Teacher weighting strategies: [B, M] weights whose rows sum to 1 (or 0 for dropped rows).
+
+- `aver`: the plain ensemble average (You et al. 2017).
+- `random`: one teacher per mini-batch (Fukuda et al. 2017).
+- `agre`: the paper's per-sample weights (Kenfack et al., Eq. 5),
+  W_t(x_i) = 1 - cos(grad_theta l_t^i, grad_theta l_b^i), normalised over teachers.
+- `agre_batch`: the earlier PyTorch code's variant, one weight per teacher from the cosine of
+  the batch-mean gradients, clipped below and normalised.
+
+Exact per-sample cosines, cheaply. With z_i the student's logits, the KD gradient with respect
+to the logits is g_r^i = tau * (softmax(z_s / tau) - softmax(z_r / tau)) and
+grad_theta l_r^i = J_i^T g_r^i with J_i = dz_i / dtheta. Every inner product is then the
+quadratic form g_t^T K_i g_b with the c x c per-sample Gram matrix K_i = J_i J_i^T, whose cost
+does not grow with the number of teachers. `last_layer` scope (the `fc` kernel and bias only)
+has K_i = (|h_i|^2 + 1) I with h_i the pooled features. With two classes and normalised
+gradients every g_r^i is a multiple of (1, -1), so the cosine is sign(a_t a_b) = +-1 and
+W_t is in {0, 1, 2} from the logits alone: computed in closed form, never from a rounded
+cosine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from agre_jax import losses
+
+METHODS = ("aver", "random", "agre", "agre_batch")
+GRAD_SCOPES = ("full", "last_layer")
+EMPTY_ROWS = ("uniform", "drop")
+
+# A row of AGRE weights summing below this is empty (every teacher pulls with the biased
+# model). In the two-class closed form empty rows are exactly 0.
+EMPTY_ROW_EPS = 1e-6
+
+# logit_fn(params, images [n, H, W, 3]) -> logits [n, C], BatchNorm statistics held fixed.
+LogitFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def uniform(batch_size: int, num_teachers: int) -> jax.Array:
+    """[B, M] weights 1 / M."""
+    return jnp.full((batch_size, num_teachers), 1.0 / num_teachers, jnp.float32)
+
+
+def random_teacher(rng: jax.Array, batch_size: int, num_teachers: int) -> jax.Array:
+    """[B, M] one-hot rows, the same teacher for the whole mini-batch."""
+    t = jax.random.randint(rng, (), 0, num_teachers)
+    return jnp.broadcast_to(jax.nn.one_hot(t, num_teachers), (batch_size, num_teachers))
+
+
+def per_sample_gram(
+    logit_fn: LogitFn, params: Any, images: jax.Array, chunk_size: int
+) -> jax.Array:
+    """K_i = J_i J_i^T for every sample, J_i = d logit_fn(params, x_i) / d params.
+
+    The per-sample Jacobian (C x P) is built with C vector-Jacobian products, vmapped over
+    `chunk_size` samples at a time (peak memory ~ chunk_size * C * P floats) and
+    `lax.map`-ed over the chunks. `logit_fn` must hold BatchNorm statistics fixed (the
+    batch's own statistics as constants): the per-sample gradient then has no cross-sample
+    coupling.
+
+    Args:
+      logit_fn: (params, images [n, H, W, 3]) -> [n, C].
+      params: the pytree to differentiate.
+      images: [B, H, W, 3].
+      chunk_size: samples per vmapped chunk.
+
+    Returns:
+      [B, C, C] float32 Gram matrices.
+    """
+
+    def gram_one(x: jax.Array) -> jax.Array:
+        jac = jax.jacrev(lambda p: logit_fn(p, x[None])[0])(params)
+        leaves = [j.reshape(j.shape[0], -1).astype(jnp.float32) for j in jax.tree.leaves(jac)]
+        return sum(leaf @ leaf.T for leaf in leaves)
+
+    return jax.lax.map(gram_one, images, batch_size=max(1, min(chunk_size, images.shape[0])))
+
+
+def _normalise_rows(raw: jax.Array, empty_rows: str) -> tuple[jax.Array, jax.Array]:
+    """raw [B, M] >= 0 -> (weights [B, M], empty [B] bool)."""
+    total = jnp.sum(raw, axis=-1, keepdims=True)
+    empty = total[:, 0] <= EMPTY_ROW_EPS
+    weights = raw / jnp.where(total > EMPTY_ROW_EPS, total, 1.0)
+    fallback = 1.0 / raw.shape[1] if empty_rows == "uniform" else 0.0
+    weights = jnp.where(empty[:, None], fallback, weights)
+    return weights, empty
+
+
+def agre_two_class(g_teachers: jax.Array, g_biased: jax.Array) -> jax.Array:
+    """Closed-form W_t(x_i) = 1 - sign(a_t a_b) for two classes, a_r = g_r[:, 0].
+
+    Args:
+      g_teachers: [M, B, 2] logit gradients; g_biased: [B, 2].
+
+    Returns:
+      [M, B] raw weights in {0, 1, 2} (1 where a gradient is exactly zero).
+    """
+    chex.assert_axis_dimension(g_teachers, -1, 2)
+    return 1.0 - jnp.sign(g_teachers[..., 0]) * jnp.sign(g_biased[None, :, 0])
+
+
+def agre_from_gram(
+    g_teachers: jax.Array, g_biased: jax.Array, gram: jax.Array, normalize_grads: bool
+) -> jax.Array:
+    """W_t(x_i) = 1 - cos (or 1 - dot without normalisation) from Gram matrices.
+
+    Args:
+      g_teachers: [M, B, C]; g_biased: [B, C]; gram: [B, C, C] (K_i, or a multiple of I).
+      normalize_grads: cosine (paper) or raw dot product (paper Table 6 ablation).
+
+    Returns:
+      [M, B] raw weights. A zero gradient gives cosine 0 (weight 1).
+    """
+    kb = jnp.einsum("bcd,bd->bc", gram, g_biased)
+    dot = jnp.einsum("mbc,bc->mb", g_teachers, kb)
+    if not normalize_grads:
+        return 1.0 - dot
+    nt = jnp.einsum("mbc,bcd,mbd->mb", g_teachers, gram, g_teachers)
+    nb = jnp.einsum("bc,bc->b", g_biased, kb)
+    denom = jnp.sqrt(jnp.maximum(nt, 0.0) * jnp.maximum(nb, 0.0)[None])
+    cos = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return 1.0 - jnp.clip(cos, -1.0, 1.0)
+
+
+def last_layer_gram(pooled: jax.Array, num_classes: int) -> jax.Array:
+    """K_i = (|h_i|^2 + 1) I for the fc kernel and bias: pooled [B, D] -> [B, C, C]."""
+    scale = jnp.sum(jnp.square(pooled.astype(jnp.float32)), axis=-1) + 1.0
+    return scale[:, None, None] * jnp.eye(num_classes, dtype=jnp.float32)
+
+
+def agre_weights(
+    g_teachers: jax.Array,
+    g_biased: jax.Array,
+    *,
+    gram: jax.Array | None,
+    normalize_grads: bool,
+    empty_rows: str,
+) -> tuple[jax.Array, jax.Array]:
+    """The paper's per-sample weights, normalised over teachers.
+
+    Args:
+      g_teachers: [M, B, C] KD logit gradients of the teachers; g_biased: [B, C].
+      gram: [B, C, C] per-sample Gram matrices; None selects the two-class closed form
+        (valid for C == 2 with normalised gradients, whatever the parameter scope).
+      normalize_grads: see `agre_from_gram`. Without normalisation 1 - dot can be negative;
+        it is clipped at 0 so that the weights stay a convex combination.
+      empty_rows: rows whose raw weights sum to 0 get 1/M ('uniform') or 0 ('drop').
+
+    Returns:
+      (weights [B, M], empty [B] bool).
+    """
+    if gram is None:
+        if not normalize_grads or g_teachers.shape[-1] != 2:
+            raise ValueError("the closed form needs two classes and normalised gradients")
+        raw = agre_two_class(g_teachers, g_biased)
+    else:
+        raw = jnp.maximum(agre_from_gram(g_teachers, g_biased, gram, normalize_grads), 0.0)
+    return _normalise_rows(raw.T, empty_rows)
+
+
+def batch_mean_grads(logit_fn: LogitFn, params: Any, images: jax.Array, g_refs: jax.Array) -> Any:
+    """grad_theta (1/B) sum_i l_r^i for each reference r: pytree with leaves [R, ...].
+
+    Args:
+      logit_fn: (params, images) -> [B, C], BatchNorm statistics held fixed.
+      g_refs: [R, B, C] KD logit gradients.
+    """
+    _, vjp_fn = jax.vjp(lambda p: logit_fn(p, images), params)
+    return jax.vmap(lambda g: vjp_fn(g / g.shape[0])[0])(g_refs)
+
+
+def agre_batch_weights(
+    grads: Any, *, normalize_grads: bool, min_weight: float, axis_name: str | None = None
+) -> jax.Array:
+    """One weight per teacher from the cosine of batch-mean gradients.
+
+    Args:
+      grads: pytree with leaves [M + 1, ...]: the M teachers' batch-mean gradients, then the
+        biased model's.
+      normalize_grads: cosine or raw dot product.
+      min_weight: W_t = max(1 - cos, min_weight) before normalising (0.01 in the PyTorch code).
+      axis_name: pmap axis over which the batch means are averaged (the global batch).
+
+    Returns:
+      [M] weights summing to 1.
+    """
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    leaves = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in jax.tree.leaves(grads)]
+    inner = sum(leaf @ leaf.T for leaf in leaves)  # [M + 1, M + 1]
+    dot = inner[:-1, -1]
+    if normalize_grads:
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(inner), 0.0))
+        denom = norms[:-1] * norms[-1]
+        cos = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+        raw = 1.0 - cos
+    else:
+        raw = 1.0 - dot
+    raw = jnp.maximum(raw, min_weight)
+    return raw / jnp.sum(raw)
+
+
+def last_layer_batch_grads(pooled: jax.Array, g_refs: jax.Array) -> dict[str, jax.Array]:
+    """Batch-mean gradients of the fc kernel and bias: pooled [B, D], g_refs [R, B, C] ->
+    {'kernel': [R, D, C], 'bias': [R, C]}."""
+    b = pooled.shape[0]
+    return {
+        "kernel": jnp.einsum("bd,rbc->rdc", pooled.astype(jnp.float32), g_refs) / b,
+        "bias": jnp.sum(g_refs, axis=1) / b,
+    }
+
+
+def entropy(weights: jax.Array) -> jax.Array:
+    """Per-sample entropy of [B, M] weight rows (0 log 0 = 0) -> [B]."""
+    w = jnp.clip(weights, 0.0, 1.0)
+    return -jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.where(w > 0, w, 1.0)), 0.0), axis=-1)
+
+
+def weight_metrics(weights: jax.Array, empty: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Mean weight per teacher, mean per-sample entropy and the fraction of empty rows."""
+    metrics = {f"weight/{t}": m for t, m in enumerate(jnp.mean(weights, axis=0))}
+    metrics["weight_entropy"] = jnp.mean(entropy(weights))
+    if empty is not None:
+        metrics["empty_rows"] = jnp.mean(empty.astype(jnp.float32))
+    return metrics
+
+
+def kd_grads(
+    student_logits: jax.Array, teacher_logits: jax.Array, biased_logits: jax.Array, tau: float
+) -> tuple[jax.Array, jax.Array]:
+    """KD logit gradients of the teachers [M, B, C] and of the biased model [B, C]."""
+    return (
+        losses.kd_logit_grad(student_logits, teacher_logits, tau),
+        losses.kd_logit_grad(student_logits, biased_logits, tau),
+    )

@@ -1,0 +1,235 @@
+"""The distillation step: configuration checks, properties, jit vs no jit, pmap vs jit."""
+
+import functools
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agre_jax import distill, losses, models, optim
+
+SIZE, B, M = 8, 8, 3
+
+
+def tiny(num_classes, width):
+    return models.ResNet(
+        stage_sizes=(1, 1, 1, 1),
+        block_cls=models.BasicBlock,
+        num_classes=num_classes,
+        width=width,
+        small_input=True,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_variables(num_classes):
+    """M tiny teachers with perturbed weights and a biased head for the backbone of teacher 1."""
+    model = tiny(num_classes, 8)
+    base = models.init(model, jax.random.key(10), SIZE)
+    out = []
+    for t in range(M):
+        k = jax.random.key(100 + t)
+        params = jax.tree.map(
+            lambda x, k=k: x + 0.2 * jax.random.normal(k, x.shape), base["params"]
+        )
+        out.append({"params": params, "batch_stats": base["batch_stats"]})
+    head = jax.tree.map(lambda x: -x, out[1]["params"]["fc"])  # opposite of teacher 1's head
+    return model, out, head
+
+
+def setup(num_classes=10, identical=False, biased_is_teacher=None, lr=0.05, **cfg_kwargs):
+    """Models, frozen pytree, config, optimiser, initial state and a batch."""
+    t_model, t_vars, head = teacher_variables(num_classes)
+    if identical:
+        t_vars = [t_vars[0]] * M
+    if biased_is_teacher is not None:
+        head = t_vars[biased_is_teacher]["params"]["fc"]
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, 1))
+    frozen = {"teachers": (distill.stack_variables(t_vars),), "biased": head}
+    cfg = distill.DistillConfig(**{"chunk_size": 4, **cfg_kwargs})
+    mdl = distill.create_models(tiny(num_classes, 4), ens, cfg)
+    tx = optim.create_optimizer("sgd", lr, 100)
+    state = distill.create_train_state(mdl, tx, jax.random.key(0), SIZE)
+    k1, k2 = jax.random.split(jax.random.key(7))
+    batch = {
+        "image": jax.random.normal(k1, (B, SIZE, SIZE, 3)),
+        "label": jax.random.randint(k2, (B,), 0, num_classes),
+    }
+    return mdl, frozen, cfg, tx, state, batch
+
+
+def run(mdl, cfg, tx, state, frozen, batch, steps=1, rng=jax.random.key(3)):
+    step = distill.compile_step(mdl, cfg, tx, pmap=False)
+    state = jax.tree.map(jnp.copy, state)  # the step donates its input state
+    for i in range(steps):
+        state, metrics = step(state, frozen, batch, jax.random.fold_in(rng, i))
+    return state, metrics
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gammas": (("layer9", 0.1),)}, "unknown feature layers"),
+        ({"gammas": (("layer2", -0.1),)}, "gammas must be >= 0"),
+        ({"alpha": 1.5}, "alpha must be in"),
+        ({"alpha": -0.1}, "alpha must be in"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"weighting": "ae_kd"}, "unknown weighting"),
+        ({"grad_scope": "some"}, "unknown grad_scope"),
+        ({"empty_rows": "skip"}, "unknown empty_rows"),
+        ({"feature_loss": "crd"}, "unknown feature_loss"),
+        ({"feature_loss": "attention", "gammas": (("pooled", 1.0),)}, "spatial"),
+        ({"teacher_map": "pmap"}, "unknown teacher_map"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_bad_config_is_rejected_before_compiling(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        distill.DistillConfig(**kwargs)
+
+
+def test_class_count_mismatch_is_rejected():
+    t_model, _, _ = teacher_variables(10)
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, 0))
+    with pytest.raises(ValueError, match="class counts disagree"):
+        distill.create_models(tiny(2, 4), ens, distill.DistillConfig())
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased=tiny(3, 4))
+    with pytest.raises(ValueError, match="class counts disagree"):
+        distill.create_models(tiny(10, 4), ens, distill.DistillConfig())
+    with pytest.raises(ValueError, match="not a teacher"):
+        distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, M))
+
+
+def test_coarser_student_features_are_rejected():
+    t_model, _, _ = teacher_variables(10)
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, 0))
+    student = models.ResNet(
+        stage_sizes=(1, 1, 1, 1), block_cls=models.BasicBlock, num_classes=10, width=4
+    )
+    cfg = distill.DistillConfig(gammas=(("layer2", 0.1),))
+    with pytest.raises(ValueError, match="coarser"):
+        distill.create_models(student, ens, cfg)
+
+
+class StepVariantsTest(chex.TestCase):
+    """The same step with and without jit gives the same update."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_variants_agree(self):
+        mdl, frozen, cfg, tx, state, batch = setup(
+            2, weighting="agre", gammas=(("layer3", 0.1), ("pooled", 0.5))
+        )
+        step = self.variant(functools.partial(distill.distill_step, mdl=mdl, cfg=cfg, tx=tx))
+        new_state, metrics = step(state, frozen, batch, jax.random.key(1))
+        ref_state, ref_metrics = run(mdl, cfg, tx, state, frozen, batch)
+        chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+        assert int(new_state.step) == 1
+
+
+@pytest.mark.parametrize("num_classes", [2, 10])
+def test_identical_teachers_give_the_same_loss_for_every_method(num_classes):
+    loss = {}
+    for method in ("aver", "random", "agre", "agre_batch"):
+        mdl, frozen, cfg, tx, state, batch = setup(
+            num_classes, identical=True, weighting=method, gammas=(("layer4", 0.25),)
+        )
+        _, metrics = run(mdl, cfg, tx, state, frozen, batch)
+        loss[method] = float(metrics["loss"])
+    assert max(loss.values()) - min(loss.values()) <= 1e-5 * abs(loss["aver"]), loss
+
+
+@pytest.mark.parametrize("weighting", ["agre", "agre_batch"])
+def test_teacher_equal_to_biased_model_gets_the_lowest_weight(weighting):
+    mdl, frozen, cfg, tx, state, batch = setup(10, biased_is_teacher=1, weighting=weighting)
+    _, metrics = run(mdl, cfg, tx, state, frozen, batch)
+    w = [float(metrics[f"weight/{t}"]) for t in range(M)]
+    assert w[1] == min(w) and w[1] < min(w[0], w[2]), w
+    np.testing.assert_allclose(sum(w), 1.0, rtol=1e-5)
+
+
+def test_aver_with_alpha_one_and_no_features_is_plain_ensemble_kd():
+    mdl, frozen, cfg, tx, state, batch = setup(10, weighting="aver", alpha=1.0)
+    _, metrics = run(mdl, cfg, tx, state, frozen, batch)
+    t_model, t_vars, _ = teacher_variables(10)
+    variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
+    s_logits, _, _ = models.apply_with_features(
+        mdl.student, variables, batch["image"], train=True, layers=()
+    )
+    per_teacher = [
+        jnp.mean(losses.kd_loss(s_logits, t_model.apply(v, batch["image"]), cfg.temperature))
+        for v in t_vars
+    ]
+    np.testing.assert_allclose(metrics["loss"], np.mean(per_teacher), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"weighting": "agre", "gammas": (("layer2", 0.05), ("layer3", 0.1), ("layer4", 0.25))},
+        {
+            "weighting": "aver",
+            "alpha": 0.5,
+            "feature_loss": "attention",
+            "gammas": (("layer3", 1.0),),
+            "feature_dropout": 0.3,
+        },
+    ],
+)
+def test_loss_decreases_on_a_fixed_batch(kwargs):
+    mdl, frozen, cfg, tx, state, batch = setup(10, lr=0.005, **kwargs)
+    step = distill.compile_step(mdl, cfg, tx, pmap=False)
+    history = []
+    for i in range(6):
+        state, metrics = step(state, frozen, batch, jax.random.key(i))
+        history.append(float(metrics["loss"]))
+    assert history[-1] < history[0], history
+    assert all(np.isfinite(history))
+
+
+def test_separate_biased_model_and_vmap_teacher_map():
+    t_model, t_vars, _ = teacher_variables(2)
+    biased = tiny(2, 4)
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased=biased)
+    frozen = {
+        "teachers": (distill.stack_variables(t_vars),),
+        "biased": models.init(biased, jax.random.key(5), SIZE),
+    }
+    _, _, _, tx, _, batch = setup(2)
+    results = {}
+    for teacher_map in ("lax_map", "vmap"):
+        cfg = distill.DistillConfig(teacher_map=teacher_map, gammas=(("pooled", 0.5),))
+        mdl = distill.create_models(tiny(2, 4), ens, cfg)
+        state = distill.create_train_state(mdl, tx, jax.random.key(0), SIZE)
+        results[teacher_map] = run(mdl, cfg, tx, state, frozen, batch)
+    chex.assert_trees_all_close(
+        results["lax_map"][0].params, results["vmap"][0].params, atol=1e-6, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"weighting": "agre", "grad_scope": "full", "gammas": (("layer2", 0.1), ("pooled", 0.5))},
+        {"weighting": "agre_batch", "grad_scope": "full"},
+    ],
+)
+def test_pmap_matches_single_device(kwargs):
+    n = jax.local_device_count()
+    assert n == 4, "tests/conftest.py sets 4 fake CPU devices"
+    mdl, frozen, cfg, tx, state, batch = setup(10, **kwargs)
+    ref_state, ref_metrics = run(mdl, cfg, tx, state, frozen, batch, steps=2)
+    replicate = flax.jax_utils.replicate
+    p_step = distill.compile_step(mdl, cfg, tx, pmap=True)
+    p_state, p_frozen = replicate(state), replicate(frozen)
+    p_batch = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+    for i in range(2):
+        rng = replicate(jax.random.fold_in(jax.random.key(3), i))
+        p_state, p_metrics = p_step(p_state, p_frozen, p_batch, rng)
+    got = flax.jax_utils.unreplicate(p_state)
+    chex.assert_trees_all_close(got.params, ref_state.params, atol=2e-5, rtol=1e-4)
+    chex.assert_trees_all_close(got.batch_stats, ref_state.batch_stats, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(p_metrics["loss"][0], ref_metrics["loss"], rtol=1e-4)

@@ -1,0 +1,245 @@
+"""Teacher weights against brute force: explicit per-sample gradients of every student
+parameter (one `jax.grad` per sample and reference), cosines computed by hand in float64."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agre_jax import distill, losses, models, weighting
+
+TAU = 4.0
+B, M = 6, 3
+
+
+def tiny_resnet(num_classes):
+    return models.ResNet(
+        stage_sizes=(1, 1, 1, 1),
+        block_cls=models.BasicBlock,
+        num_classes=num_classes,
+        width=4,
+        small_input=True,
+    )
+
+
+def fixed_stats(model):
+    """Randomised BatchNorm statistics standing in for a batch's own."""
+    variables = models.init(model, jax.random.key(0), 8)
+    k1 = jax.random.split(jax.random.key(1), 4)[0]
+    return jax.tree.map(
+        lambda x: x + 0.3 * jax.random.uniform(k1, x.shape), variables["batch_stats"]
+    )
+
+
+@functools.cache
+def setup(num_classes):
+    """A tiny student with randomised BN statistics (standing in for a batch's own), its
+    fixed-statistics logit function, images and random teacher / biased logits."""
+    model = tiny_resnet(num_classes)
+    variables = models.init(model, jax.random.key(0), 8)
+    _, k2, k3, k4 = jax.random.split(jax.random.key(1), 4)
+    stats = fixed_stats(model)
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(k2, x.shape), variables["params"])
+
+    @jax.jit
+    def logit_fn(p, x):
+        return model.apply({"params": p, "batch_stats": stats}, x, train=False)
+
+    images = jax.random.normal(k3, (B, 8, 8, 3))
+    s_logits = logit_fn(params, images)
+    ref = s_logits[None] + 2.0 * jax.random.normal(k4, (M + 1, B, num_classes))
+    return logit_fn, params, images, s_logits, ref[:M], ref[M]
+
+
+def per_sample_grads(logit_fn, params, images, refs, scope="full"):
+    """[R, B, P] float64: grad_theta kd(z_s(x_i), z_r^i) for every reference r and sample i."""
+
+    @jax.jit
+    def grad_one(x, z_ref):
+        def loss(p):
+            return losses.kd_loss(logit_fn(p, x[None]), z_ref[None], TAU)[0]
+
+        g = jax.grad(loss)(params)
+        if scope == "last_layer":
+            g = g["fc"]
+        return jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(g)])
+
+    out = [[grad_one(images[i], refs[r, i]) for i in range(B)] for r in range(refs.shape[0])]
+    return np.asarray(out, np.float64)
+
+
+def brute_force_agre(gt, gb, normalize, empty_rows="uniform"):
+    """gt [M, B, P], gb [B, P] -> weights [B, M] by the paper's formula, by hand."""
+    raw = np.zeros((B, M))
+    for i in range(B):
+        # At an exact tie (reference == student) the true gradient is 0; its float32 value is
+        # rounding noise (softmax sums are not exactly 1), so treat tiny norms as 0.
+        scale = max(np.linalg.norm(gb[i]), max(np.linalg.norm(gt[t, i]) for t in range(M)))
+        zero = lambda g, scale=scale: np.linalg.norm(g) <= 1e-6 * scale
+        for t in range(M):
+            dot = gt[t, i] @ gb[i]
+            if normalize:
+                tie = zero(gt[t, i]) or zero(gb[i])
+                denom = 0.0 if tie else np.linalg.norm(gt[t, i]) * np.linalg.norm(gb[i])
+                raw[i, t] = 1.0 - (dot / denom if denom > 0 else 0.0)
+            else:
+                raw[i, t] = max(1.0 - dot, 0.0)
+    out = np.zeros_like(raw)
+    for i in range(B):
+        s = raw[i].sum()
+        out[i] = (
+            raw[i] / s
+            if s > weighting.EMPTY_ROW_EPS
+            else (1.0 / M if empty_rows == "uniform" else 0.0)
+        )
+    return out
+
+
+@pytest.mark.parametrize("num_classes", [2, 10])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_agre_full_scope_matches_brute_force(num_classes, normalize):
+    logit_fn, params, images, s_logits, t_logits, b_logits = setup(num_classes)
+    g_t, g_b = weighting.kd_grads(s_logits, t_logits, b_logits, TAU)
+    gram = jax.jit(weighting.per_sample_gram, static_argnums=(0, 3))(logit_fn, params, images, 4)
+    chex.assert_shape(gram, (B, num_classes, num_classes))
+    ours, _ = weighting.agre_weights(
+        g_t, g_b, gram=gram, normalize_grads=normalize, empty_rows="uniform"
+    )
+    grads = per_sample_grads(logit_fn, params, images, jnp.concatenate([t_logits, b_logits[None]]))
+    ref = brute_force_agre(grads[:M], grads[M], normalize)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(np.sum(ours, -1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [2, 10])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_agre_last_layer_matches_brute_force(num_classes, normalize):
+    logit_fn, params, images, s_logits, t_logits, b_logits = setup(num_classes)
+    pooled = fixed_stats_pooled(num_classes, params, images)
+    g_t, g_b = weighting.kd_grads(s_logits, t_logits, b_logits, TAU)
+    gram = weighting.last_layer_gram(pooled, num_classes)
+    ours, _ = weighting.agre_weights(
+        g_t, g_b, gram=gram, normalize_grads=normalize, empty_rows="uniform"
+    )
+    grads = per_sample_grads(
+        logit_fn, params, images, jnp.concatenate([t_logits, b_logits[None]]), "last_layer"
+    )
+    ref = brute_force_agre(grads[:M], grads[M], normalize)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def fixed_stats_pooled(num_classes, params, images):
+    """Pooled features [B, D] of the same fixed-statistics forward as `setup`'s logit_fn."""
+    model = tiny_resnet(num_classes)
+    variables = {"params": params, "batch_stats": fixed_stats(model)}
+    fwd = functools.partial(models.apply_with_features, model, layers=("pooled",))
+    return jax.jit(fwd)(variables, images)[1]["pooled"]
+
+
+def two_class_cases():
+    """Random logits plus a tie (teacher == student: zero gradient) and an empty row (every
+    teacher pulls the student's class-0 probability the same way as the biased model)."""
+    logit_fn, params, images, s_logits, t_logits, b_logits = setup(2)
+    t_logits = t_logits.at[0, 0].set(s_logits[0])  # teacher == student
+    t_logits = t_logits.at[2, 3].set(b_logits[3])  # teacher == biased model: cosine 1
+    push = s_logits[1] + jnp.array([3.0, -3.0])  # p_r[0] > p_s[0]: a_r < 0
+    b_logits = b_logits.at[1].set(push)
+    t_logits = t_logits.at[:, 1].set(push + jnp.arange(M)[:, None] * jnp.array([0.5, -0.5]))
+    return logit_fn, params, images, s_logits, t_logits, b_logits
+
+
+@pytest.mark.parametrize("empty_rows", ["uniform", "drop"])
+def test_two_class_closed_form_equals_gram_and_brute_force(empty_rows):
+    logit_fn, params, images, s_logits, t_logits, b_logits = two_class_cases()
+    g_t, g_b = weighting.kd_grads(s_logits, t_logits, b_logits, TAU)
+    closed, empty = weighting.agre_weights(
+        g_t, g_b, gram=None, normalize_grads=True, empty_rows=empty_rows
+    )
+    raw = weighting.agre_two_class(g_t, g_b)
+    assert set(np.unique(np.asarray(raw))) <= {0.0, 1.0, 2.0}
+    assert float(raw[0, 0]) == 1.0  # the tie with the student: cosine 0
+    assert float(raw[2, 3]) == 0.0  # the tie with the biased model: cosine 1
+    assert bool(empty[1]) and not bool(empty[0])
+    expected_row = np.full(M, 1.0 / M) if empty_rows == "uniform" else np.zeros(M)
+    np.testing.assert_allclose(closed[1], expected_row, rtol=1e-6)
+    gram = jax.jit(weighting.per_sample_gram, static_argnums=(0, 3))(logit_fn, params, images, 3)
+    via_gram, empty_gram = weighting.agre_weights(
+        g_t, g_b, gram=gram, normalize_grads=True, empty_rows=empty_rows
+    )
+    np.testing.assert_allclose(closed, via_gram, atol=1e-5)
+    np.testing.assert_array_equal(empty, empty_gram)
+    grads = per_sample_grads(logit_fn, params, images, jnp.concatenate([t_logits, b_logits[None]]))
+    ref = brute_force_agre(grads[:M], grads[M], True, empty_rows)
+    np.testing.assert_allclose(closed, ref, atol=1e-5)
+
+
+def test_two_class_closed_form_needs_normalisation():
+    g = jnp.ones((M, B, 2))
+    with pytest.raises(ValueError, match="closed form"):
+        weighting.agre_weights(g, g[0], gram=None, normalize_grads=False, empty_rows="uniform")
+
+
+@pytest.mark.parametrize("scope", ["full", "last_layer"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_agre_batch_matches_explicit_batch_mean_gradients(scope, normalize):
+    logit_fn, params, images, s_logits, t_logits, b_logits = setup(10)
+    refs = jnp.concatenate([t_logits, b_logits[None]])
+    g_refs = losses.kd_logit_grad(s_logits, refs, TAU)
+    if scope == "full":
+        grads = jax.jit(weighting.batch_mean_grads, static_argnums=0)(
+            logit_fn, params, images, g_refs
+        )
+    else:
+        grads = weighting.last_layer_batch_grads(fixed_stats_pooled(10, params, images), g_refs)
+    ours = weighting.agre_batch_weights(grads, normalize_grads=normalize, min_weight=0.01)
+
+    def mean_loss(p, z_ref):
+        return jnp.mean(losses.kd_loss(logit_fn(p, images), z_ref, TAU))
+
+    explicit = []
+    grad_fn = jax.jit(jax.grad(mean_loss))
+    for r in range(M + 1):
+        g = grad_fn(params, refs[r])
+        if scope == "last_layer":
+            g = g["fc"]
+        explicit.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
+    explicit = np.asarray(explicit, np.float64)
+    dots = explicit[:M] @ explicit[M]
+    if normalize:
+        dots = dots / (np.linalg.norm(explicit[:M], axis=1) * np.linalg.norm(explicit[M]))
+    raw = np.maximum(1.0 - dots, 0.01)
+    np.testing.assert_allclose(ours, raw / raw.sum(), atol=1e-5)
+
+
+def test_aver_random_and_metrics():
+    w = weighting.uniform(B, M)
+    np.testing.assert_allclose(w, 1.0 / M)
+    picks = set()
+    for seed in range(12):
+        r = weighting.random_teacher(jax.random.key(seed), B, M)
+        assert np.all(np.asarray(r) == np.asarray(r[0]))  # one teacher per mini-batch
+        assert float(r[0].sum()) == 1.0 and float(r[0].max()) == 1.0
+        picks.add(int(np.argmax(r[0])))
+    assert picks == set(range(M))
+    m = weighting.weight_metrics(w, jnp.array([True, False, False, False, False, False]))
+    np.testing.assert_allclose(m["weight_entropy"], np.log(M), rtol=1e-6)
+    np.testing.assert_allclose(m["empty_rows"], 1 / 6)
+    assert float(weighting.weight_metrics(r)["weight_entropy"]) == 0.0
+
+
+def test_step_weights_use_this_batch_statistics():
+    """The step's fixed-statistics logit function reproduces its training-mode logits: the
+    statistics the Gram matrices hold constant are exactly this batch's."""
+    model = tiny_resnet(10)
+    variables = models.init(model, jax.random.key(3), 8)
+    images = jax.random.normal(jax.random.key(4), (B, 8, 8, 3))
+    train_logits, _, batch_bn = models.apply_with_features(
+        model.clone(bn_momentum=0.0), variables, images, train=True, layers=()
+    )
+    fixed = model.apply({"params": variables["params"], "batch_stats": batch_bn}, images)
+    np.testing.assert_allclose(fixed, train_logits, atol=1e-5)
+    cfg = distill.DistillConfig(weighting="agre", grad_scope="full", chunk_size=2)
+    assert cfg.needs_gram
