@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m convert.demo $(WORKDIR)
+	$(PY) main.py --config $(CONFIG) --workdir $(WORKDIR)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,7 @@ import optax
 
 from agre_jax import losses, models, weighting
 
-TEACHER_MAPS = ("lax_map", "vmap")
+TEACHER_MAPS = models.STACK_MAPS
 AXIS_NAME = "batch"
 
 
@@ -40,7 +40,7 @@ class DistillConfig:
       gammas: ((layer, gamma), ...) for the feature loss; gamma 0 layers are ignored.
       feature_loss: 'mse' (through 1x1-conv / Dense adapters) or 'attention'.
       feature_dropout: feature-channel dropout rate in the feature loss.
-      teacher_map: 'lax_map' or 'vmap' over a stack of teachers.
+      teacher_map: how a stack of teachers runs, see models.map_stacked.
     """
 
     temperature: float = 4.0
@@ -54,7 +54,7 @@ class DistillConfig:
     gammas: tuple[tuple[str, float], ...] = ()
     feature_loss: str = "mse"
     feature_dropout: float = 0.0
-    teacher_map: str = "lax_map"
+    teacher_map: str = "unroll"
 
     def __post_init__(self):
         def check(ok: bool, what: str):
@@ -252,7 +252,7 @@ def ensemble_forward(
     frozen: Mapping[str, Any],
     images: jax.Array,
     layers: tuple[str, ...],
-    teacher_map: str = "lax_map",
+    teacher_map: str = "unroll",
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """Inference-mode forwards of every teacher (each backbone once) and of the biased model.
 
@@ -270,10 +270,7 @@ def ensemble_forward(
     logits, feats = [], []
     for model, stacked in zip(ens.teachers, frozen["teachers"], strict=True):
         fwd = functools.partial(models.apply_with_features, model, images=images, layers=wanted)
-        if teacher_map == "vmap":
-            out = jax.vmap(lambda v, f=fwd: f(v))(stacked)
-        else:
-            out = jax.lax.map(lambda v, f=fwd: f(v), stacked)
+        out = models.map_stacked(fwd, stacked, teacher_map)
         logits.append(out[0])
         feats.append(out[1])
     if shared:

@@ -221,6 +221,27 @@ def feature_strides(model: ResNet) -> dict[str, int]:
     return {f"layer{k + 1}": stem * 2**k for k in range(4)}
 
 
+STACK_MAPS = ("unroll", "lax_map", "vmap")
+
+
+def map_stacked(fn: Callable[[Any], Any], stacked: Any, how: str = "unroll") -> Any:
+    """fn over the members of a pytree stacked on a leading axis: [M, ...] -> [M, ...].
+
+    'unroll' traces fn once per member inside the same computation (M copies compiled; on a
+    2-core CPU a training step in `lax.map` ran 22x slower than unrolled, a forward 1.3x),
+    'lax_map' loops (compiles fn once), 'vmap' batches (convs become grouped convs).
+    """
+    if how == "vmap":
+        return jax.vmap(fn)(stacked)
+    if how == "lax_map":
+        return jax.lax.map(fn, stacked)
+    if how != "unroll":
+        raise ValueError(f"unknown map {how!r}; expected one of {STACK_MAPS}")
+    size = jax.tree.leaves(stacked)[0].shape[0]
+    outs = [fn(jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(size)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
 def init(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
     """Initial variables {'params', 'batch_stats'} for [1, image_size, image_size, 3] inputs."""
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)

@@ -1,0 +1,23 @@
+"""Datasets (TFDS builders) and the input pipeline.
+
+Importing this package registers the builders with TFDS: `spurious_shapes` (the embedded
+synthetic default), `waterbirds`, `celeba_groups` and `colored_mnist`. The input pipeline lives in
+`agre_jax.data.pipeline`.
+"""
+
+from agre_jax.data.celeba_groups import CelebaGroups
+from agre_jax.data.colored_mnist import ColoredMnist, ColoredMnistConfig
+from agre_jax.data.core import DataError, group_counts
+from agre_jax.data.spurious_shapes import SpuriousShapes, SpuriousShapesConfig
+from agre_jax.data.waterbirds import Waterbirds
+
+__all__ = [
+    "CelebaGroups",
+    "ColoredMnist",
+    "ColoredMnistConfig",
+    "DataError",
+    "SpuriousShapes",
+    "SpuriousShapesConfig",
+    "Waterbirds",
+    "group_counts",
+]

@@ -1,0 +1,129 @@
+"""Group-robust evaluation: per-group accuracy, worst-group accuracy (WGA) and both averages.
+
+Conventions (DESIGN.md, stated in every report):
+- WGA = min over groups of the accuracy within the group (groups with no example ignored).
+- `avg_acc`: plain accuracy over all evaluated examples.
+- `avg_acc_weighted`: group accuracies weighted by the TRAINING set's group proportions (the
+  DFR / JTT convention; on Waterbirds it differs a lot from the plain test average).
+- `gap` = avg_acc_weighted - WGA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def summarize(
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    num_groups: int,
+    train_group_counts: Sequence[int],
+) -> dict[str, Any]:
+    """Metrics of one model on one split.
+
+    Args:
+      predictions, labels, groups: [N] integers.
+      num_groups: G.
+      train_group_counts: [G] training-set counts, for the weighted average.
+
+    Returns:
+      {'group_acc': [G] (NaN where a group is empty), 'group_count': [G], 'wga',
+       'worst_group', 'avg_acc', 'avg_acc_weighted', 'gap', 'n'} as plain Python values.
+    """
+    predictions, labels, groups = (
+        np.asarray(a).astype(np.int64) for a in (predictions, labels, groups)
+    )
+    correct = predictions == labels
+    counts = np.bincount(groups, minlength=num_groups)[:num_groups]
+    hits = np.bincount(groups, weights=correct, minlength=num_groups)[:num_groups]
+    acc = np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+    present = counts > 0
+    worst = int(np.nanargmin(acc)) if present.any() else -1
+    weights = np.asarray(train_group_counts, np.float64)[:num_groups] * present
+    weighted = (
+        float(np.nansum(acc * weights) / weights.sum()) if weights.sum() > 0 else float("nan")
+    )
+    wga = float(acc[worst]) if worst >= 0 else float("nan")
+    return {
+        "group_acc": [float(a) for a in acc],
+        "group_count": [int(c) for c in counts],
+        "wga": wga,
+        "worst_group": worst,
+        "avg_acc": float(correct.mean()) if correct.size else float("nan"),
+        "avg_acc_weighted": weighted,
+        "gap": weighted - wga,
+        "n": int(correct.size),
+    }
+
+
+def collect(
+    fn: Callable[[jax.Array], jax.Array], batches: Iterable[Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
+    """Runs `fn(images) -> [..., B, K]` (logits or features) over evaluation batches and keeps
+    the real (mask == 1) examples. Works for [B, ...] and pmap [D, B/D, ...] batches alike; a
+    leading model axis of the outputs (e.g. [M, B, K] for stacked teachers) is kept.
+
+    Returns:
+      {'output': [..., N, K], 'label': [N], 'group': [N]}.
+    """
+    logits, labels, groups = [], [], []
+    for batch in batches:
+        out = np.asarray(fn(batch["image"]))
+        mask = np.asarray(batch["mask"]).reshape(-1) > 0
+        lead = out.shape[: out.ndim - np.asarray(batch["mask"]).ndim - 1]
+        out = out.reshape(lead + (-1, out.shape[-1]))
+        logits.append(out[..., mask, :])
+        labels.append(np.asarray(batch["label"]).reshape(-1)[mask])
+        groups.append(np.asarray(batch["group"]).reshape(-1)[mask])
+    return {
+        "output": np.concatenate(logits, axis=-2),
+        "label": np.concatenate(labels),
+        "group": np.concatenate(groups),
+    }
+
+
+def ensemble_predictions(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """[M, N, C] member logits -> predictions of the averaged-logits ensemble and of the
+    majority vote (ties to the lowest class)."""
+    avg = np.argmax(logits.mean(axis=0), axis=-1)
+    votes = np.argmax(logits, axis=-1)  # [M, N]
+    counts = np.apply_along_axis(np.bincount, 0, votes, minlength=logits.shape[-1])
+    return {"avg_logits": avg, "majority": np.argmax(counts, axis=0)}
+
+
+def predict_fn(model: Any, variables: Any) -> Callable[[jax.Array], jax.Array]:
+    """A jitted images -> logits function of a model in inference mode."""
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return lambda images: apply(variables, jnp.asarray(images))
+
+
+def format_table(
+    rows: Mapping[str, Mapping[str, Any]], group_names: Sequence[str], title: str = ""
+) -> str:
+    """A Markdown table: one row per model with WGA, both averages, gap and group accuracies."""
+    head = ["model", "WGA", "avg (train-weighted)", "avg (plain)", "gap", "worst group"]
+    head += [f"acc {g}" for g in group_names]
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [
+            name,
+            _pct(r["wga"]),
+            _pct(r["avg_acc_weighted"]),
+            _pct(r["avg_acc"]),
+            _pct(r["gap"]),
+            group_names[r["worst_group"]] if r["worst_group"] >= 0 else "-",
+        ]
+        cells += [_pct(a) for a in r["group_acc"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{100 * x:.1f}"

@@ -1,0 +1,129 @@
+"""Shared defaults: the AGRE-KD paper's hyperparameters, and one preset per dataset.
+
+    python main.py --config configs/default.py            # the synthetic benchmark
+    python main.py --config configs/default.py:waterbirds --config.data.manual_dir=/data/wb
+    python main.py --config configs/default.py:celeba --config.data.manual_dir=/data/celeba
+
+Distillation follows the paper (Appendix B): SGD momentum 0.9, lr 1e-3 with a cosine
+schedule, weight decay 1e-4, tau 4, alpha 1, batch 32 (Waterbirds) or 100 (CelebA), 30
+student epochs, ResNet-50 teachers and a ResNet-18 student. The synthetic default shrinks
+image size, widths, counts and epochs, nothing else.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DATASETS = ("synthetic", "waterbirds", "celeba")
+
+
+def _optimizer(learning_rate: float, weight_decay: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name="sgd",  # 'sgd' (momentum, coupled weight decay as torch) or 'adamw'
+            learning_rate=learning_rate,
+            momentum=0.9,
+            weight_decay=weight_decay,
+            schedule="cosine",  # 'cosine' (to 0 over the stage) or 'constant'
+            warmup_epochs=0,
+        )
+    )
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The base config; `arg` picks the dataset preset (default: synthetic)."""
+    dataset = arg or "synthetic"
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset preset {dataset!r}; expected one of {DATASETS}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # teachers use seed + m; data order, DFR halves and the student use seed
+    c.dtype = "float32"  # compute dtype of every network ('bfloat16' on GPUs); params float32
+    c.stage_dir = ""  # where teacher/DFR stages live ('' = <workdir>/stages); shared by sweeps
+    c.progress = True  # progress bars
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "spurious_shapes"  # TFDS builder: spurious_shapes, waterbirds, celeba_groups
+    c.data.data_dir = ""  # TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.data.manual_dir = ""  # folder of a manually downloaded dataset (Waterbirds, CelebA)
+    c.data.builder = ml_collections.ConfigDict()  # builder config knobs (spurious_shapes)
+    c.data.image_size = 224  # model input side
+    c.data.eval_batch_size = 256
+
+    c.teachers = ml_collections.ConfigDict()
+    c.teachers.arch = "resnet50"
+    c.teachers.width = 64
+    c.teachers.small_input = False
+    c.teachers.num = 5  # M
+    c.teachers.checkpoints = ()  # dirs written by `python -m convert`: replaces ERM training
+    c.teachers.init_from = ""  # ported ImageNet backbone (convert --drop-head) for ERM training
+    c.teachers.debiased = -1  # how many of the M teachers use their DFR head (-1 = all)
+    c.teachers.epochs = 100
+    c.teachers.batch_size = 32
+    c.teachers.optimizer = _optimizer(1e-3, 1e-3)
+    c.teachers.map = "unroll"  # how stacked teachers run: 'unroll', 'lax_map' or 'vmap'
+
+    c.dfr = ml_collections.ConfigDict()
+    c.dfr.c_grid = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)  # inverse L1 strengths
+    c.dfr.steps = 1000
+    c.dfr.batch_size = 128
+    c.dfr.learning_rate = 1e-2
+
+    c.biased = ml_collections.ConfigDict()
+    c.biased.index = 0  # the ERM version of teacher `index` is the biased model ...
+    c.biased.checkpoint = ""  # ... unless a ported checkpoint of any ResNet is given here
+
+    c.student = ml_collections.ConfigDict()
+    c.student.arch = "resnet18"
+    c.student.width = 64
+    c.student.small_input = False
+    c.student.init_from = ""  # ported ImageNet weights (convert --drop-head), '' = from scratch
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.temperature = 4.0
+    c.distill.alpha = 1.0  # L = alpha * weighted KD + (1 - alpha) * CE + feature loss
+    c.distill.weighting = "agre"  # 'agre', 'agre_batch', 'aver' or 'random'
+    c.distill.grad_scope = "full"  # 'full' (all student parameters) or 'last_layer'
+    c.distill.normalize_grads = True  # False: the paper's Table 6 ablation (raw dot product)
+    c.distill.empty_rows = "uniform"  # rows where all teachers pull with the biased model
+    c.distill.chunk_size = 8  # samples per vmapped chunk of the per-sample Gram matrices
+    c.distill.batch_min_weight = 0.01  # agre_batch: lower clip of the per-teacher weights
+    c.distill.gammas = ml_collections.ConfigDict(
+        dict(layer1=0.0, layer2=0.0, layer3=0.0, layer4=0.0, pooled=0.0)
+    )
+    c.distill.feature_loss = "mse"  # 'mse' (through adapters) or 'attention' (transfer)
+    c.distill.feature_dropout = 0.0  # feature-channel dropout rate in the feature loss
+
+    c.train = ml_collections.ConfigDict()  # the student's distillation
+    c.train.epochs = 30
+    c.train.batch_size = 32
+    c.train.optimizer = _optimizer(1e-3, 1e-4)
+    c.train.eval_every = 1  # epochs
+    c.train.checkpoint_every = 200  # steps
+    c.train.log_every = 20  # steps
+    c.train.pmap = "auto"  # 'auto' (pmap when several devices are visible), 'always', 'never'
+
+    if dataset == "waterbirds":
+        c.data.name = "waterbirds"
+    elif dataset == "celeba":
+        c.data.name = "celeba_groups"
+        c.teachers.batch_size = 100
+        c.train.batch_size = 100
+    else:
+        _synthetic(c)
+    return c
+
+
+def _synthetic(c: ml_collections.ConfigDict) -> None:
+    """Shrinks image size, widths, counts and epochs for the 2-core CPU default."""
+    c.data.builder = ml_collections.ConfigDict(dict(size=1.0, side=32))
+    c.data.image_size = 32
+    c.teachers.arch = "resnet18"
+    c.teachers.width = 16
+    c.teachers.small_input = True
+    c.teachers.epochs = 5
+    c.teachers.batch_size = 64
+    c.teachers.optimizer = _optimizer(0.05, 5e-4)
+    c.dfr.steps = 500
+    c.student.width = 8
+    c.student.small_input = True
+    c.train.epochs = 5
