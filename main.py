@@ -5,6 +5,8 @@
 
 Runs (or resumes) every stage of one configuration and writes results.json / results.md in
 the workdir. Bad input (config, data folder, checkpoints) exits with status 2 and a message.
+A sweep config (configs/sweeps/*.py, with a `sweep` field) runs every variant x seed instead
+and writes the aggregated report (agre_jax/sweep.py); a failed run there exits with 1.
 """
 
 from __future__ import annotations
@@ -32,20 +34,26 @@ def main(argv: list[str]) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    from agre_jax import loop, train, workdir
+    from agre_jax import loop, sweep, train, workdir
     from agre_jax.data import core
 
     config = FLAGS.config
     run_dir = FLAGS.workdir or f"runs/{_config_name()}"
     try:
+        if "sweep" in config:
+            return sweep.run_sweep(config, run_dir, FLAGS.overwrite, _config_path())["exit_code"]
         train.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
-    except (train.ConfigError, core.DataError, workdir.ConfigMismatchError) as e:
+    except (train.ConfigError, core.DataError, workdir.ConfigMismatchError, sweep.SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _config_path() -> str:
+    return getattr(FLAGS["config"], "config_filename", "") or ""
 
 
 def _config_name() -> str:

@@ -139,6 +139,7 @@ def train_erm(
                 seed=seed + t,
                 epoch=epoch,
                 start_step=start,
+                augment=cfg.augment,
                 prefetch=0,
                 dtype=data["dtype"],
             )

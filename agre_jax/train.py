@@ -138,7 +138,7 @@ def _stage_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
         for k, v in workdir.config_dict(config)["teachers"].items()
         if k not in ("debiased", "map")
     }
-    base = {"data": data, "teachers": t, "seed": config.seed, "dtype": config.dtype}
+    base = {"data": data, "teachers": t, "dtype": config.dtype}
     return {
         "teachers": workdir.key_of(base),
         "dfr": workdir.key_of({**base, "dfr": workdir.config_dict(config)["dfr"]}),
@@ -169,6 +169,11 @@ def teacher_stage(config, data, stage_dir: Path) -> tuple[models.ResNet, list[di
             model, variables, infos = teachers.load_ported(list(t.checkpoints), data["num_classes"])
         except (OSError, ValueError) as e:
             raise ConfigError(f"teachers.checkpoints: {e}") from e
+        if infos[0]["arch"] != t.arch:
+            raise ConfigError(
+                f"teachers.checkpoints hold {infos[0]['arch']} weights but teachers.arch is "
+                f"{t.arch!r}; set --config.teachers.arch={infos[0]['arch']} if that is intended"
+            )
         model = model.clone(dtype=data["dtype"])
         return model, variables, {"source": "ported", "provenance": infos}
     model = _model(t, data["num_classes"], data["dtype"])
@@ -183,7 +188,7 @@ def teacher_stage(config, data, stage_dir: Path) -> tuple[models.ResNet, list[di
             model=model,
             data=data,
             directory=directory,
-            seed=config.seed,
+            seed=t.seed,
             init_variables=init,
             progress=config.progress,
         )
@@ -229,7 +234,7 @@ def dfr_stage(config, data, stage_dir: Path, model, erm_variables) -> tuple[list
         model=model,
         teacher_variables=erm_variables,
         data=data,
-        seed=config.seed,
+        seed=config.teachers.seed,
         how=config.teachers.map,
     )
     directory.mkdir(parents=True, exist_ok=True)
@@ -305,6 +310,7 @@ def distill_stage(config, data, run_dir: Path, mdl: distill.Models, frozen, stud
             epoch=epoch,
             start_step=start,
             num_devices=n_dev if use_pmap else None,
+            augment=tcfg.augment,
             dtype=data["dtype"],
         )
 
@@ -316,8 +322,9 @@ def distill_stage(config, data, run_dir: Path, mdl: distill.Models, frozen, stud
         if better:
             carry = {
                 **carry,
-                "best_params": variables["params"],
-                "best_batch_stats": variables["batch_stats"],
+                # Copies: the next step donates (and deletes) the state's buffers.
+                "best_params": jax.tree.map(jnp.copy, variables["params"]),
+                "best_batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"]),
                 "best_wga": jnp.asarray(s["wga"]),
                 "best_epoch": jnp.asarray(epoch + 1),
             }

@@ -1,7 +1,7 @@
-"""The plan's multi-layer configuration C: gamma2 0.05, gamma3 0.1, gamma4 0.25 (AGRE-KD).
+"""The plan's multi-layer configuration C (Add layer2 + layer3): AGRE-KD with feature
+distillation gamma2 0.05, gamma3 0.1, gamma4 0.25 (MSE through 1x1-conv adapters).
 
-python main.py --config configs/multilayer_c.py            # synthetic benchmark
-python main.py --config configs/multilayer_c.py:waterbirds --config.data.manual_dir=DIR
+    python main.py --config configs/multilayer_c.py[:waterbirds|:celeba]
 """
 
 from configs import default

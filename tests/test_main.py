@@ -1,0 +1,279 @@
+"""main.py end to end on configs/tiny.py: the report, stage reuse, config checks, bad input,
+and resuming after the process is killed (mid-stage and mid-save) with identical results."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agre_jax import checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2 teacher epochs so that the teacher stage has a checkpoint before its end.
+TINY = ["--config", "configs/tiny.py", "--config.teachers.epochs=2"]
+
+KILLER = textwrap.dedent(
+    """
+    # Runs main.py, SIGKILLing itself inside one stage: before step KILL_AT ('step'), or in
+    # the middle of the KILL_AT-th checkpoint save, after writing, before its commit ('save').
+    import os, runpy, signal, sys
+    from agre_jax import loop
+    from orbax.checkpoint._src.path import atomicity
+
+    stage, at, mode = os.environ["KILL_STAGE"], int(os.environ["KILL_AT"]), os.environ["KILL_MODE"]
+    run = loop.Loop.run
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def patched(self, carry):
+        if self.name == stage and mode == "step":
+            step = self.step
+
+            def killing(c, b, s):
+                if s == at:
+                    die()
+                return step(c, b, s)
+
+            self.step = killing
+        if self.name == stage and mode == "save":
+            finalize, saves = atomicity.AtomicRenameTemporaryPath.finalize, []
+
+            async def killing_finalize(tmp):
+                saves.append(tmp)
+                if len(saves) == at:
+                    die()
+                return await finalize(tmp)
+
+            atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+        return run(self, carry)
+
+    loop.Loop.run = patched
+    sys.argv = ["main.py"] + sys.argv[1:]
+    runpy.run_path("main.py", run_name="__main__")
+    """
+)
+
+
+def main(*args, env=None, script="main.py"):
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted tiny run."""
+    work = tmp_path_factory.mktemp("reference")
+    proc = ok(main(*TINY, "--workdir", str(work)))
+    return work, proc
+
+
+def test_report_files_and_structure(reference):
+    work, proc = reference
+    report = json.loads((work / "results.json").read_text())
+    names = set(report["test"])
+    assert {
+        "ERM teacher 0",
+        "ERM teacher 1",
+        "DFR teacher 0",
+        "DFR teacher 1",
+        "student (best val WGA)",
+        "student (last)",
+    } <= names
+    assert any(n.startswith("ensemble") and n.endswith("avg logits") for n in names)
+    assert any(n.startswith("ensemble") and n.endswith("majority") for n in names)
+    for row in report["test"].values():
+        assert len(row["group_acc"]) == 4 and 0.0 <= row["wga"] <= row["avg_acc"] + 1e-9
+        assert row["n"] == sum(row["group_count"])
+    assert report["selection"].startswith("student checkpoint selected by worst-group")
+    assert set(report["seconds"]) >= {"data", "teachers", "dfr", "distill", "evaluate", "total"}
+    assert report["versions"]["jax"] and report["config"]["distill"]["weighting"] == "agre"
+    assert report["teachers"]["kinds"] == ["DFR", "DFR"]
+    assert "weight/0" in report["distill_weights"] and "empty_rows" in report["distill_weights"]
+    table = (work / "results.md").read_text()
+    assert "| student (best val WGA) |" in table and "avg (train-weighted)" in table
+    assert "| student (best val WGA) |" in proc.stdout  # the table is printed
+    assert "[distill] epoch 2/2" in proc.stdout  # one summary line per epoch
+    records = [
+        json.loads(x) for x in (work / "distill" / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    assert {"train", "epoch", "eval"} <= {r["kind"] for r in records}
+    assert list((work / "distill" / "tensorboard").iterdir())  # TensorBoard event files
+    assert (work / "config.json").exists()
+
+
+def test_same_config_reuses_every_stage(reference):
+    work, _ = reference
+    before = json.loads((work / "results.json").read_text())
+    proc = ok(main(*TINY, "--workdir", str(work)))
+    for stage in ("teachers", "dfr", "distill"):
+        assert f"[{stage}] reusing" in proc.stdout
+    after = json.loads((work / "results.json").read_text())
+    assert after["test"] == before["test"]
+
+
+def test_other_config_is_refused_then_overwritten(reference, tmp_path):
+    work, _ = reference
+    proc = main(*TINY, "--config.distill.weighting=aver", "--workdir", str(work))
+    assert proc.returncode == 2 and "another config" in proc.stderr
+    assert "distill.weighting" in proc.stderr and "Traceback" not in proc.stderr
+    assert (work / "results.json").exists()  # nothing was removed
+    # --overwrite replaces the run's outputs but keeps (and reuses) the teacher stages.
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(work), str(copy)], check=True)
+    proc = ok(
+        main(
+            *TINY,
+            "--config.distill.weighting=aver",
+            "--workdir",
+            str(copy),
+            "--overwrite",
+            "--config.train.epochs=1",
+        )
+    )
+    assert "[teachers] reusing" in proc.stdout and "[distill] reusing" not in proc.stdout
+    assert (
+        json.loads((copy / "results.json").read_text())["config"]["distill"]["weighting"] == "aver"
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.distill.alpha=1.5", "alpha must be in"),
+        ("--config.distill.gammas.layer2=-0.1", "gammas must be >= 0"),
+        ("--config.distill.weighting=ae_kd", "unknown weighting"),
+        ("--config.teachers.debiased=7", "teachers.debiased"),
+        ("--config.biased.index=5", "biased.index"),
+    ],
+)
+def test_bad_config_exits_2_before_training(tmp_path, override, message):
+    proc = main(*TINY, override, "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    proc = main(
+        "--config",
+        "configs/tiny.py:waterbirds",
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--config.data.manual_dir={tmp_path / 'nowhere'}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "waterbird" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+def test_ported_teachers_of_another_arch_or_classes_are_refused(reference, tmp_path):
+    work, _ = reference
+    teacher = next((work / "stages").glob("teachers-*")) / "erm_0"
+    proc = main(
+        *TINY,
+        "--workdir",
+        str(tmp_path / "a"),
+        "--config.teachers.arch=resnet50",
+        f"--config.teachers.checkpoints=('{teacher}',)",
+    )
+    assert proc.returncode == 2 and "resnet18" in proc.stderr and "resnet50" in proc.stderr
+    info = json.loads((teacher / checkpoints.PROVENANCE).read_text())
+    variables, _ = checkpoints.load_variables(teacher)
+    variables["params"]["fc"] = {
+        "kernel": np.zeros((variables["params"]["fc"]["kernel"].shape[0], 3), np.float32),
+        "bias": np.zeros(3, np.float32),
+    }
+    bad = tmp_path / "bad_teacher"
+    checkpoints.save_variables(bad, variables, metadata={**info, "num_classes": 3})
+    proc = main(
+        *TINY, "--workdir", str(tmp_path / "b"), f"--config.teachers.checkpoints=('{bad}',)"
+    )
+    assert proc.returncode == 2 and "3 classes but the dataset has 2" in proc.stderr
+    wrong = tmp_path / "wrong_arch"
+    checkpoints.save_variables(
+        wrong, checkpoints.load_variables(teacher)[0], metadata={**info, "arch": "resnet34"}
+    )
+    proc = main(
+        *TINY,
+        "--workdir",
+        str(tmp_path / "c"),
+        "--config.teachers.arch=resnet34",
+        f"--config.teachers.checkpoints=('{wrong}',)",
+    )
+    assert proc.returncode == 2 and "do not fit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_with_the_stage_and_step(reference, tmp_path):
+    work, _ = reference
+    proc = main(
+        *TINY,
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.train.optimizer.learning_rate=1e30",
+        f"--config.stage_dir={work / 'stages'}",
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "stage 'distill': non-finite loss" in proc.stderr and "at step" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_killed_runs_resume_to_identical_results(reference, tmp_path):
+    ref, _ = reference
+    work = tmp_path / "killed"
+    (tmp_path / "killer.py").write_text(KILLER)
+    script = str(tmp_path / "killer.py")
+    args = (*TINY, "--workdir", str(work))
+    # Teacher stage: 7 steps per epoch, checkpoint at the end of epoch 1; die at step 10.
+    proc = main(
+        *args, script=script, env={"KILL_STAGE": "teachers", "KILL_AT": "10", "KILL_MODE": "step"}
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    # Distillation: 15 steps per epoch, checkpoints every 5; die at step 17 (last one: 15) ...
+    proc = main(
+        *args, script=script, env={"KILL_STAGE": "distill", "KILL_AT": "17", "KILL_MODE": "step"}
+    )
+    assert (
+        proc.returncode == -9 and "[teachers] resuming from the checkpoint at step 7" in proc.stdout
+    )
+    # ... then in the middle of writing the checkpoint of step 20 (the first save after
+    # resuming from 15): the previous checkpoint must survive intact.
+    proc = main(
+        *args, script=script, env={"KILL_STAGE": "distill", "KILL_AT": "1", "KILL_MODE": "save"}
+    )
+    assert (
+        proc.returncode == -9 and "[distill] resuming from the checkpoint at step 15" in proc.stdout
+    )
+    proc = ok(main(*args))
+    assert "[distill] resuming from the checkpoint at step 15" in proc.stdout
+    for name in ("student_best", "student_last"):
+        got, _ = checkpoints.load_variables(work / "distill" / name)
+        want, _ = checkpoints.load_variables(ref / "distill" / name)
+        for a, b in zip(_leaves(got), _leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert (
+        json.loads((work / "results.json").read_text())["test"]
+        == json.loads((ref / "results.json").read_text())["test"]
+    )
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)

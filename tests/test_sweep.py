@@ -1,0 +1,427 @@
+"""Sweeps and their reports: aggregation and plots on fabricated run directories, the sweep
+runner with a fake trainer (skips, failures, changed configs), every sweep config on every
+dataset preset, and one tiny real sweep through main.py."""
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from agre_jax import report, sweep, train, workdir
+from configs import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ["ellipse_land", "ellipse_water", "cross_land", "cross_water"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SWEEP_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "sweeps").glob("[a-z]*.py"))
+
+
+def metrics(wga, group_acc=None):
+    acc = group_acc or [0.9, 0.8, wga + 0.05, wga]
+    return {
+        "group_acc": acc,
+        "group_count": [100, 100, 30, 30],
+        "wga": wga,
+        "worst_group": 3,
+        "avg_acc": wga + 0.2,
+        "avg_acc_weighted": wga + 0.3,
+        "gap": 0.3,
+        "n": 260,
+    }
+
+
+def fake_results(seed, wga, kinds=("DFR", "ERM"), weighting="agre"):
+    test = {}
+    for i in range(len(kinds)):
+        test[f"ERM teacher {i}"] = metrics(0.1 + 0.1 * i)
+    for i in range(len(kinds)):
+        test[f"DFR teacher {i}"] = metrics(0.6 + 0.1 * i)
+    comp = f"{kinds.count('DFR')} DFR + {kinds.count('ERM')} ERM"
+    test[f"ensemble ({comp}), avg logits"] = metrics(0.5)
+    test[f"ensemble ({comp}), majority"] = metrics(0.4)
+    test[report.STUDENT] = metrics(wga)
+    test["student (last)"] = metrics(wga - 0.1)
+    return {
+        "dataset": "spurious_shapes/fake/1.0.0",
+        "group_names": GROUPS,
+        "train_group_counts": [3000, 150, 50, 1000],
+        "selection": train.SELECTION,
+        "teachers": {"kinds": list(kinds), "source": "/sweep/stages/teachers-0123abcd"},
+        "test": test,
+        "seconds": {"total": 10.0},
+        "seed": seed,
+        "config": {"distill": {"weighting": weighting}},
+    }
+
+
+def write_run(root, variant, seed, results=None, error=None, m=2, steps=(5, 10, 15, 20)):
+    d = sweep.run_dir(root, variant, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    if error:
+        (d / sweep.ERROR_FILE).write_text(f"{error}\n\nTraceback (most recent call last): ...\n")
+    if results:
+        (d / "results.json").write_text(json.dumps(results))
+        (d / "distill").mkdir(exist_ok=True)
+        lines = []
+        for s in steps:
+            w = [0.7 - 0.1 * s / 20] + [(0.3 + 0.1 * s / 20) / (m - 1)] * (m - 1)
+            lines.append({"step": s, "kind": "train", **{f"weight/{t}": w[t] for t in range(m)}})
+            if s % 10 == 0:
+                lines.append({"step": s, "kind": "epoch", "epoch": s // 10, "loss": 1.0})
+        (d / "distill" / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+
+
+def spec(variants, seeds=(0, 1, 2), baseline="a"):
+    return {
+        "name": "fake",
+        "title": "a fabricated sweep",
+        "description": "",
+        "source": "configs/sweeps/fake.py",
+        "base": "configs/default.py",
+        "dataset": "spurious_shapes",
+        "seeds": list(seeds),
+        "baseline": baseline,
+        "variants": [
+            {"name": n, "overrides": {}, "labels": labels} for n, labels in variants.items()
+        ],
+    }
+
+
+def write_spec(root, s):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / sweep.SPEC_FILE).write_text(json.dumps(s))
+
+
+def assert_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000, path
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_mean_std_uses_sample_std_and_tolerates_small_n():
+    assert all(math.isnan(x) for x in report.mean_std([]))
+    mean, std = report.mean_std([80.0])
+    assert mean == 80.0 and math.isnan(std)
+    mean, std = report.mean_std([80.0, 82.0, 84.0])
+    assert mean == pytest.approx(82.0) and std == pytest.approx(2.0)  # ddof 1
+
+
+@pytest.fixture
+def fabricated(tmp_path):
+    """a (baseline): 3 seeds; b: 2 done + 1 failed; c: 1 done (n = 1) + 2 missing; d: none."""
+    root = tmp_path / "sweep"
+    write_spec(root, spec({"a": {"method": "AGRE-KD"}, "b": {"method": "AVER"}, "c": {}, "d": {}}))
+    for seed, wga in enumerate((0.80, 0.82, 0.84)):
+        write_run(root, "a", seed, fake_results(seed, wga))
+    write_run(root, "b", 0, fake_results(0, 0.70, weighting="aver"))
+    write_run(root, "b", 1, fake_results(1, 0.74, weighting="aver"))
+    write_run(root, "b", 2, error="RuntimeError: boom")
+    write_run(root, "c", 0, fake_results(0, 0.90))
+    return root
+
+
+def test_aggregate_means_std_delta_failures(fabricated):
+    s = report.load_spec(fabricated)
+    runs = report.load_runs(fabricated, s)
+    agg = report.aggregate(s, runs)
+    rows = {r["variant"]: r for r in agg["rows"]}
+    assert [r["variant"] for r in agg["rows"]] == ["c", "a", "b", "d"]  # by WGA, n = 0 last
+    a, b, c, d = rows["a"], rows["b"], rows["c"], rows["d"]
+    assert a["n"] == 3 and a["wga"]["mean"] == pytest.approx(82.0)
+    assert a["wga"]["std"] == pytest.approx(2.0)
+    assert a["avg_acc_weighted"]["mean"] == pytest.approx(112.0)  # fabricated: wga + 30
+    assert a["group_acc"] == pytest.approx([90.0, 80.0, 87.0, 82.0])
+    assert a["delta_wga"] == 0.0 and b["delta_wga"] == pytest.approx(-10.0)
+    assert b["n"] == 2 and b["failed"] == 1 and b["seeds"] == [0, 1]
+    assert c["n"] == 1 and math.isnan(c["wga"]["std"]) and c["delta_wga"] == pytest.approx(8.0)
+    assert d["n"] == 0 and math.isnan(d["wga"]["mean"]) and math.isnan(d["delta_wga"])
+    status = {(r["variant"], r["seed"]): r["status"] for r in agg["runs"]}
+    assert status[("b", 2)] == "failed" and status[("c", 1)] == "missing"
+    assert [r["error"] for r in agg["runs"] if r["status"] == "failed"] == ["RuntimeError: boom"]
+    names = [t["model"] for t in agg["teachers"]]
+    assert "ERM teacher 0" in names and "DFR teachers, mean of 2 (± std over teachers)" in names
+    assert len(names) == len(set(names))  # one teacher stage: each model once
+
+
+def test_report_files(fabricated):
+    agg = report.write_report(fabricated, plots=False)
+    md = (fabricated / "results.md").read_text()
+    assert "spurious_shapes/fake/1.0.0" in md and "Seeds: 0, 1, 2" in md
+    assert train.SELECTION in md and "Δ WGA" in md and "ddof 1" in md
+    table = [line for line in md.splitlines() if line.startswith("| `")]
+    assert [line.split("|")[1].strip() for line in table] == ["`c`", "`a`", "`b`"]
+    assert "90.0 ± -" in table[0] and "82.0 ± 2.0" in table[1] and "| —" in table[1]
+    assert "**Failed runs** (1" in md and "`b` seed 2: RuntimeError: boom" in md
+    assert "`c` seed 1" in md and "`d` seed 0" in md  # not run
+    assert "## Teachers" in md and "ensemble (1 DFR + 1 ERM), avg logits" in md
+    rows = list(csv.DictReader(io.StringIO((fabricated / "results.csv").read_text())))
+    assert [r["variant"] for r in rows] == ["c", "a", "b", "d"]
+    assert rows[0]["wga_std_pct"] == "" and rows[1]["wga_std_pct"] == "2.0"
+    assert rows[2]["delta_wga_pct"] == "-10.0" and rows[3]["n"] == "0"
+    assert rows[1]["method"] == "AGRE-KD" and rows[1]["acc_cross_water_mean_pct"] == "82.0"
+    summary = json.loads((fabricated / "summary.json").read_text())  # strict JSON: no NaN
+    assert summary["rows"][3]["wga"]["mean"] is None
+    assert agg["label_names"] == ["method"]
+
+
+def test_plots_follow_the_labels(tmp_path):
+    root = tmp_path / "sweep"
+    variants = {}
+    for method, w in (("AGRE-KD", "agre"), ("AVER", "aver")):
+        for gamma in (0.0, 0.25, 0.5):
+            variants[f"{w}_g{gamma:g}"] = {"method": method, "gamma": gamma}
+    for d in (1, 3):
+        variants[f"agre_d{d}"] = {"method": "AGRE-KD", "debiased": d}
+    write_spec(root, spec(variants, seeds=(0, 1), baseline="agre_g0"))
+    for i, name in enumerate(variants):
+        kinds = ("DFR", "ERM", "ERM") if name == "agre_d1" else ("DFR", "DFR", "ERM")
+        weighting = "aver" if name.startswith("aver") else "agre"
+        for seed in (0, 1):
+            r = fake_results(seed, 0.5 + 0.02 * i + 0.01 * seed, kinds, weighting)
+            write_run(root, name, seed, r, m=3)
+    agg = report.write_report(root)
+    names = sorted(Path(p).name for p in agg["plots"])
+    assert names == [
+        "group_acc_best.png",
+        "methods_by_gamma.png",
+        "teacher_weights.png",
+        "wga_by_variant.png",
+        "wga_vs_debiased.png",
+        "wga_vs_gamma.png",
+    ]
+    for p in agg["plots"]:
+        assert_png(root / p)
+    assert "![wga_vs_gamma](plots/wga_vs_gamma.png)" in (root / "results.md").read_text()
+
+
+def test_plots_without_labels_and_report_cli(tmp_path, capsys):
+    """No labels: only the by-variant and per-group plots (no weights: AVER runs); no
+    sweep.json: variants and seeds from the directories; `python -m agre_jax.report`."""
+    root = tmp_path / "sweep"
+    for name in ("x", "y"):
+        write_run(root, name, 0, fake_results(0, 0.6, weighting="aver"))
+    assert report.main([str(root)]) == 0
+    assert "| `x` |" in capsys.readouterr().out
+    assert sorted(p.name for p in (root / "plots").iterdir()) == [
+        "group_acc_best.png",
+        "wga_by_variant.png",
+    ]
+    assert report.main([str(tmp_path / "nothing")]) == 2
+
+
+# ---------------------------------------------------------------- sweep definition and runner
+
+
+def tiny_sweep(**overrides):
+    c = sweep.define(
+        tiny.get_config(),
+        name="t",
+        title="test",
+        variants=[
+            sweep.variant("a", {"distill.weighting": "agre"}, method="AGRE-KD"),
+            sweep.variant("b", {"distill.weighting": "aver", "train.epochs": 1}, method="AVER"),
+        ],
+        baseline="a",
+        seeds=(0, 1),
+    )
+    c.sweep.compilation_cache = False  # a global JAX setting: not from inside pytest
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def test_plan_applies_overrides_seeds_and_shared_stage_dir(tmp_path):
+    runs = sweep.plan(tiny_sweep(), tmp_path)
+    assert [(r.variant, r.seed) for r in runs] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    b1 = runs[3]
+    assert b1.directory == tmp_path / "runs" / "b" / "seed1"
+    assert b1.config.seed == 1 and b1.config.train.epochs == 1
+    assert b1.config.distill.weighting == "aver" and "sweep" not in b1.config
+    assert {r.config.stage_dir for r in runs} == {str(tmp_path / "stages")}
+    only = sweep.plan(tiny_sweep(**{"sweep.only": "b", "sweep.seeds": (3,)}), tmp_path)
+    assert [(r.variant, r.seed) for r in only] == [("b", 3)]
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"name": "a", "overrides": {"distill.nope": 1}}, "bad override"),
+        ({"name": "a", "overrides": {"distill.weighting": 3}}, "bad override"),
+        ({"name": "a", "overrides": {"distill.weighting": "nope"}}, "unknown weighting"),
+        ({"name": "a", "overrides": {"seed": 3}}, "set by the sweep"),
+        ({"name": "a/b"}, "plain directory name"),
+        ({"name": "a", "labels": {"n": 1}}, "labels must be"),
+    ],
+)
+def test_bad_variants_are_refused(tmp_path, variant, message):
+    c = tiny_sweep()
+    c.sweep.variants = (variant,)
+    c.sweep.baseline = ""
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.plan(c, tmp_path)
+
+
+def test_bad_sweep_fields_are_refused(tmp_path):
+    for overrides, message in (
+        ({"sweep.baseline": "zzz"}, "baseline"),
+        ({"sweep.seeds": (1, 1)}, "duplicates"),
+        ({"sweep.seeds": ()}, "non-empty"),
+        ({"sweep.only": "a,zzz"}, "unknown variants"),
+    ):
+        with pytest.raises(sweep.SweepError, match=message):
+            sweep.plan(tiny_sweep(**overrides), tmp_path)
+    c = tiny_sweep()
+    c.sweep.variants = c.sweep.variants + (c.sweep.variants[0],)
+    with pytest.raises(sweep.SweepError, match="duplicate variant names"):
+        sweep.plan(c, tmp_path)
+
+
+@pytest.mark.parametrize("name", SWEEP_CONFIGS)
+@pytest.mark.parametrize("preset", [None, "waterbirds", "celeba"])
+def test_sweep_configs_plan_on_every_preset(tmp_path, name, preset):
+    module = __import__(f"configs.sweeps.{name}", fromlist=["get_config"])
+    config = module.get_config(preset)
+    runs = sweep.plan(config, tmp_path)  # builds and validates every run config
+    s = sweep.spec_of(config)
+    assert len(runs) == len(s["variants"]) * len(s["seeds"])
+    assert s["baseline"] in {v["name"] for v in s["variants"]}
+    if name != "tiny":
+        assert s["seeds"] == [0, 1, 2]
+    # Sweeping the student's seed keeps the teacher (and DFR) stages shared.
+    assert len({train._stage_keys(r.config)["teachers"] for r in runs}) == 1
+    assert {r.config.data.name for r in runs} == {config.data.name}
+
+
+class FakeTrainer:
+    """Writes a run's config and results.json; fails where told."""
+
+    def __init__(self, fail=None, error=RuntimeError):
+        self.calls, self.fail, self.error = [], set(fail or ()), error
+
+    def __call__(self, config, run_dir, overwrite=False):
+        run_dir = Path(run_dir)
+        self.calls.append((run_dir.parent.name, config.seed, overwrite))
+        workdir.prepare(run_dir, config, overwrite)
+        if (run_dir.parent.name, config.seed) in self.fail:
+            raise self.error(f"no luck for seed {config.seed}")
+        r = fake_results(config.seed, 0.5 + 0.1 * config.seed, weighting=config.distill.weighting)
+        workdir.write_json(run_dir / "results.json", r)
+        return r
+
+
+def test_run_sweep_skips_finished_runs_and_continues_past_failures(tmp_path):
+    fake = FakeTrainer(fail={("b", 1)})
+    out = sweep.run_sweep(tiny_sweep(), tmp_path, source="tests/x.py", train_fn=fake)
+    assert len(fake.calls) == 4 and out["exit_code"] == 1
+    error = (tmp_path / "runs" / "b" / "seed1" / sweep.ERROR_FILE).read_text()
+    assert error.startswith("RuntimeError: no luck for seed 1") and "Traceback" in error
+    assert [o["status"] for o in out["outcomes"]] == ["done", "done", "done", "failed"]
+    md = (tmp_path / "results.md").read_text()
+    assert "`b` seed 1: RuntimeError: no luck for seed 1" in md and "`tests/x.py`" in md
+    assert json.loads((tmp_path / sweep.SPEC_FILE).read_text())["seeds"] == [0, 1]
+    assert (tmp_path / "plots" / "wga_by_variant.png").exists()
+
+    fake = FakeTrainer()  # again: only the failed run runs, and succeeds
+    out = sweep.run_sweep(tiny_sweep(), tmp_path, train_fn=fake)
+    assert fake.calls == [("b", 1, False)] and out["exit_code"] == 0
+    assert not (tmp_path / "runs" / "b" / "seed1" / sweep.ERROR_FILE).exists()
+    assert [r["n"] for r in out["rows"]] == [2, 2]
+
+    # A changed base config is refused before anything runs, or rerun with overwrite.
+    changed = tiny_sweep(**{"distill.temperature": 2.0})
+    with pytest.raises(sweep.SweepError, match="another config"):
+        sweep.run_sweep(changed, tmp_path, train_fn=fake)
+    fake = FakeTrainer()
+    out = sweep.run_sweep(changed, tmp_path, overwrite=True, train_fn=fake)
+    assert sorted(fake.calls) == [(v, s, True) for v in "ab" for s in (0, 1)]
+
+
+def test_run_sweep_bad_input_exit_code(tmp_path):
+    fake = FakeTrainer(fail={("a", 0)}, error=train.ConfigError)
+    out = sweep.run_sweep(tiny_sweep(), tmp_path, train_fn=fake)
+    assert out["exit_code"] == 2 and len(fake.calls) == 4
+
+
+def test_overrides_between():
+    from configs import default, multilayer_c
+
+    diff = sweep.overrides_between(default.get_config(), multilayer_c.get_config())
+    assert diff == {
+        "distill.gammas.layer2": 0.05,
+        "distill.gammas.layer3": 0.1,
+        "distill.gammas.layer4": 0.25,
+    }
+    other = ml_collections.ConfigDict({"zzz": 1})
+    with pytest.raises(sweep.SweepError):
+        sweep.overrides_between(default.get_config(), other)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def main(*args):
+    return subprocess.run(
+        [sys.executable, "main.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=900,
+    )
+
+
+def test_main_rejects_a_bad_sweep(tmp_path):
+    proc = main(
+        "--config",
+        "configs/sweeps/tiny.py",
+        "--config.sweep.baseline=nope",
+        "--workdir",
+        str(tmp_path),
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: invalid sweep: sweep.baseline 'nope' is not a variant" in proc.stderr
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+    """2 variants x 2 seeds of configs/tiny.py (1 student epoch): one teacher stage for all,
+    the report, then a second call that skips every finished run."""
+    args = [
+        "--config",
+        "configs/sweeps/tiny.py",
+        "--config.sweep.seeds=(0,1)",
+        "--config.train.epochs=1",
+        "--workdir",
+        str(tmp_path),
+    ]
+    proc = main(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list((tmp_path / "stages").glob("teachers-*"))) == 1  # trained once
+    assert len(list((tmp_path / "stages").glob("dfr-*"))) == 1
+    assert proc.stdout.count("[teachers] reusing") == 3
+    for v in ("agre", "aver"):
+        for seed in (0, 1):
+            r = json.loads((tmp_path / "runs" / v / f"seed{seed}" / "results.json").read_text())
+            assert r["seed"] == seed and r["config"]["distill"]["weighting"] == v
+    md = (tmp_path / "results.md").read_text()
+    print(md)
+    assert "Runs finished 4 of 4" in md and "Seeds: 0, 1" in md
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+    print((tmp_path / "results.csv").read_text())
+    assert sorted(r["variant"] for r in rows) == ["agre", "aver"]
+    assert {r["n"] for r in rows} == {"2"} and all(r["wga_mean_pct"] != "" for r in rows)
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert plots == ["group_acc_best.png", "teacher_weights.png", "wga_by_variant.png"]
+    for p in plots:
+        assert_png(tmp_path / "plots" / p)
+
+    again = main(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier, skipped") == 4
