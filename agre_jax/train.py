@@ -217,7 +217,7 @@ def teacher_stage(config, data, stage_dir: Path) -> tuple[models.ResNet, list[di
     return model, variables, {"source": str(directory), "provenance": infos}
 
 
-def dfr_stage(config, data, stage_dir: Path, model, erm_variables) -> tuple[list[dict], list]:
+def dfr_stage(config, data, stage_dir: Path, model, erm_variables) -> tuple[list, list, Path]:
     """DFR heads of every ERM teacher (computed once per settings)."""
     directory = stage_dir / f"dfr-{_stage_keys(config)['dfr']}"
     if config.teachers.checkpoints:  # ported teachers: key on their contents too
@@ -228,7 +228,7 @@ def dfr_stage(config, data, stage_dir: Path, model, erm_variables) -> tuple[list
         saved = np.load(directory / "heads.npz")
         m = len(erm_variables)
         heads = [{"kernel": saved[f"kernel_{i}"], "bias": saved[f"bias_{i}"]} for i in range(m)]
-        return heads, workdir.read_done(directory)["info"]
+        return heads, workdir.read_done(directory)["info"], directory
     heads, infos = teachers.fit_dfr_heads(
         cfg=config.dfr,
         model=model,
@@ -245,7 +245,7 @@ def dfr_stage(config, data, stage_dir: Path, model, erm_variables) -> tuple[list
     np.savez(tmp, **arrays)
     tmp.replace(directory / "heads.npz")
     workdir.mark_done(directory, {"info": infos})
-    return heads, infos
+    return heads, infos, directory
 
 
 def _provenance_list(config) -> list[dict]:
@@ -287,7 +287,7 @@ def distill_stage(config, data, run_dir: Path, mdl: distill.Models, frozen, stud
         state = replicate(state)
     carry = {
         "state": state,
-        "best_params": jax.tree.map(jnp.copy, _unrep(state, use_pmap).params),
+        "best_params": jax.tree.map(jnp.copy, _unrep(state, use_pmap).params["student"]),
         "best_batch_stats": jax.tree.map(jnp.copy, _unrep(state, use_pmap).batch_stats),
         "best_wga": jnp.asarray(-1.0),
         "best_epoch": jnp.asarray(0),
@@ -455,7 +455,7 @@ def train_and_evaluate(
     m = len(erm_vars)
     debiased = m if config.teachers.debiased < 0 else config.teachers.debiased
     # DFR heads are fitted even when no teacher uses them: the report shows the DFR teachers.
-    heads, dfr_info = timed("dfr", dfr_stage, config, data, stage_dir, t_model, erm_vars)
+    heads, dfr_info, dfr_dir = timed("dfr", dfr_stage, config, data, stage_dir, t_model, erm_vars)
     dfr_vars = [_with_head(v, h) for v, h in zip(erm_vars, heads, strict=True)]
     used = [dfr_vars[i] if i < debiased else erm_vars[i] for i in range(m)]
     kinds = ["DFR" if i < debiased else "ERM" for i in range(m)]
@@ -516,7 +516,8 @@ def train_and_evaluate(
         workdir.mark_done(distill_dir, {"val_wga": best_wga, "epoch": best_epoch})
 
     start = time.time()
-    results = evaluate_all(data, t_model, erm_vars, dfr_vars, used, kinds, student, best, last)
+    t_logits = teacher_test_logits(data, t_model, erm_vars, dfr_vars, dfr_dir)
+    results = evaluate_all(data, t_logits, kinds, student, best, last)
     times["evaluate"] = round(time.time() - start, 1)
     times["total"] = round(time.time() - t0, 1)
     report = {
@@ -561,29 +562,38 @@ def train_and_evaluate(
     return report
 
 
-def evaluate_all(data, t_model, erm_vars, dfr_vars, used, kinds, student, best, last):
-    """Test metrics of every ERM and DFR teacher, the ensemble and the student."""
+def teacher_test_logits(data, t_model, erm_vars, dfr_vars, cache: Path) -> dict[str, np.ndarray]:
+    """Test logits of every ERM and DFR teacher, [M, N, C] each, computed once per DFR stage
+    (sweeps evaluate many students against the same teachers)."""
+    path = cache / "test_logits.npz"
+    if path.exists():
+        return dict(np.load(path))
     logits_fn = teachers.stacked_logits_fn(t_model, "unroll")
-    stack = distill.stack_variables
-    results: dict[str, dict] = {}
-    erm = evaluation.collect(
-        functools.partial(logits_fn, stack(erm_vars)), teachers.eval_batches(data, "test")
-    )
-    dfr_out = evaluation.collect(
-        functools.partial(logits_fn, stack(dfr_vars)), teachers.eval_batches(data, "test")
-    )
-    labels, groups = erm["label"], erm["group"]
+    out = {}
+    for name, variables in (("erm", erm_vars), ("dfr", dfr_vars)):
+        got = evaluation.collect(
+            functools.partial(logits_fn, distill.stack_variables(variables)),
+            teachers.eval_batches(data, "test"),
+        )
+        out[name], out["label"], out["group"] = got["output"], got["label"], got["group"]
+    tmp = cache / ".test_logits.tmp.npz"
+    np.savez(tmp, **out)
+    tmp.replace(path)
+    return out
+
+
+def evaluate_all(data, teacher_logits, kinds, student, best, last) -> dict[str, dict]:
+    """Test metrics of every ERM and DFR teacher, the ensemble and the student."""
+    labels, groups = teacher_logits["label"], teacher_logits["group"]
 
     def summ(pred):
         return evaluation.summarize(pred, labels, groups, data["num_groups"], data["train_counts"])
 
-    for i, lg in enumerate(erm["output"]):
-        results[f"ERM teacher {i}"] = summ(np.argmax(lg, -1))
-    for i, lg in enumerate(dfr_out["output"]):
-        results[f"DFR teacher {i}"] = summ(np.argmax(lg, -1))
-    used_logits = np.stack(
-        [dfr_out["output"][i] if k == "DFR" else erm["output"][i] for i, k in enumerate(kinds)]
-    )
+    results: dict[str, dict] = {}
+    for kind in ("ERM", "DFR"):
+        for i, lg in enumerate(teacher_logits[kind.lower()]):
+            results[f"{kind} teacher {i}"] = summ(np.argmax(lg, -1))
+    used_logits = np.stack([teacher_logits[k.lower()][i] for i, k in enumerate(kinds)])
     composition = f"{kinds.count('DFR')} DFR + {kinds.count('ERM')} ERM"
     ens = evaluation.ensemble_predictions(used_logits)
     results[f"ensemble ({composition}), avg logits"] = summ(ens["avg_logits"])

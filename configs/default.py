@@ -133,7 +133,13 @@ def _synthetic(c: ml_collections.ConfigDict) -> None:
     c.teachers.batch_size = 32
     c.teachers.augment = False
     c.teachers.optimizer = _optimizer(0.05, 5e-4)
+    c.teachers.optimizer.warmup_epochs = 1  # without it some seeds never left the background
     c.dfr.steps = 500
     c.student.width = 8
     c.student.small_input = True
     c.train.epochs = 5
+    c.train.augment = False
+    # The paper's lr 1e-3 fine-tunes ImageNet-pretrained students; this student starts from
+    # scratch, and at 1e-3 it learned only the background in 5 epochs (test WGA 5.6 %, see
+    # README), so the synthetic default is the one preset with a larger learning rate.
+    c.train.optimizer.learning_rate = 0.05

@@ -22,6 +22,7 @@ KILLER = textwrap.dedent(
     # Runs main.py, SIGKILLing itself inside one stage: before step KILL_AT ('step'), or in
     # the middle of the KILL_AT-th checkpoint save, after writing, before its commit ('save').
     import os, runpy, signal, sys
+    sys.path.insert(0, os.getcwd())  # the repository root, as for main.py itself
     from agre_jax import loop
     from orbax.checkpoint._src.path import atomicity
 
