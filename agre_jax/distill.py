@@ -35,7 +35,10 @@ class DistillConfig:
       grad_scope: 'full' (all student parameters, the paper's theta) or 'last_layer' (fc).
       normalize_grads: cosine (paper) or raw dot product (paper Table 6 ablation).
       empty_rows: 'uniform' or 'drop' for rows where every teacher pulls with the biased model.
-      chunk_size: samples per vmapped chunk of the per-sample Gram computation.
+      gram: how full-scope Gram matrices are computed (weighting.GRAM_METHODS): 'layerwise'
+        (from layer inputs and output cotangents, no per-sample gradients) or 'vmap'
+        (vmapped per-sample Jacobians; any model).
+      chunk_size: samples per chunk of the per-sample Gram computation.
       batch_min_weight: lower clip of `agre_batch` weights before normalising.
       gammas: ((layer, gamma), ...) for the feature loss; gamma 0 layers are ignored.
       feature_loss: 'mse' (through 1x1-conv / Dense adapters) or 'attention'.
@@ -49,6 +52,7 @@ class DistillConfig:
     grad_scope: str = "full"
     normalize_grads: bool = True
     empty_rows: str = "uniform"
+    gram: str = "layerwise"
     chunk_size: int = 8
     batch_min_weight: float = 0.01
     gammas: tuple[tuple[str, float], ...] = ()
@@ -74,6 +78,10 @@ class DistillConfig:
         check(
             self.empty_rows in weighting.EMPTY_ROWS,
             f"unknown empty_rows {self.empty_rows!r}; expected one of {weighting.EMPTY_ROWS}",
+        )
+        check(
+            self.gram in weighting.GRAM_METHODS,
+            f"unknown gram {self.gram!r}; expected one of {weighting.GRAM_METHODS}",
         )
         check(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
         check(
@@ -329,7 +337,7 @@ def teacher_weights(
     if c == 2 and cfg.normalize_grads:
         gram = None  # exact closed form, any parameter scope
     elif cfg.grad_scope == "full":
-        gram = weighting.per_sample_gram(logit_fn, student_params, images, cfg.chunk_size)
+        gram = weighting.gram(logit_fn, student_params, images, cfg.chunk_size, cfg.gram)
     else:
         gram = weighting.last_layer_gram(pooled, c)
     w, empty = weighting.agre_weights(

@@ -50,6 +50,7 @@ def distill_config(config: ml_collections.ConfigDict) -> distill.DistillConfig:
             grad_scope=d.grad_scope,
             normalize_grads=d.normalize_grads,
             empty_rows=d.empty_rows,
+            gram=d.gram,
             chunk_size=d.chunk_size,
             batch_min_weight=d.batch_min_weight,
             gammas=tuple((k, float(v)) for k, v in sorted(d.gammas.items()) if float(v) != 0.0),

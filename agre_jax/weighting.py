@@ -24,14 +24,17 @@ from collections.abc import Callable
 from typing import Any
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from agre_jax import losses
 
 METHODS = ("aver", "random", "agre", "agre_batch")
 GRAD_SCOPES = ("full", "last_layer")
 EMPTY_ROWS = ("uniform", "drop")
+GRAM_METHODS = ("layerwise", "vmap")  # how full-scope per-sample Gram matrices are computed
 
 # A row of AGRE weights summing below this is empty (every teacher pulls with the biased
 # model). In the two-class closed form empty rows are exactly 0.
@@ -81,6 +84,209 @@ def per_sample_gram(
     b = images.shape[0]
     chunk = max(1, min(chunk_size, b))
     return jnp.concatenate([jax.vmap(gram_one)(images[i : i + chunk]) for i in range(0, b, chunk)])
+
+
+def layerwise_gram(logit_fn: LogitFn, params: Any, images: jax.Array, chunk_size: int) -> jax.Array:
+    """K_i = J_i J_i^T for every sample, assembled layer by layer without per-sample gradients.
+
+    Every parameter of a Conv, Dense or BatchNorm layer enters linearly, so its per-sample
+    gradient for logit a is a product of the layer's input and of the cotangent at its
+    output: a Conv kernel's is patches(x_i)^T delta_ia ([P, S] x [S, O]), a Dense kernel's
+    likewise with S the positions it is applied at, BatchNorm's scale and bias are the sums
+    over positions of delta_ia * xhat_i and of delta_ia. The cotangents of all C logits at
+    every layer come from C batched vector-Jacobian products with respect to zero
+    perturbations added to each layer's output (`nn.intercept_methods`; valid because with
+    fixed BatchNorm statistics sample i's logits depend on sample i only). Each layer's
+    contribution <g_ia, g_ib> is then contracted either directly (patches^T delta, cost
+    ~C S P O) or through the S x S Gram of the patches (cost ~S^2 (P + C O)), whichever is
+    cheaper: deep layers have few positions and wide kernels. Dense batched matmuls replace
+    the grouped convolutions of vmapped per-sample gradients (`per_sample_gram`).
+
+    Args:
+      logit_fn: (params, images [n, H, W, 3]) -> [n, C], a Flax model built of nn.Conv,
+        nn.Dense, nn.BatchNorm (with fixed statistics) and parameter-free operations, not
+        itself jitted (it is traced here); a model with other parametrised layers, or a layer
+        called twice, raises ValueError.
+      params: the pytree to differentiate (all of the model's parameters).
+      images: [B, H, W, 3].
+      chunk_size: samples per chunk (peak memory ~ chunk_size * C * the model's activations).
+
+    Returns:
+      [B, C, C] float32 Gram matrices, equal to `per_sample_gram`'s up to rounding.
+    """
+    b = images.shape[0]
+    chunk = max(1, min(chunk_size, b))
+    total = sum(x.size for x in jax.tree.leaves(params))
+    parts = [
+        _layerwise_chunk(logit_fn, params, images[i : i + chunk], total) for i in range(0, b, chunk)
+    ]
+    return jnp.concatenate(parts)
+
+
+_LINEAR_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm)
+
+
+def _layerwise_chunk(logit_fn: LogitFn, params: Any, images: jax.Array, total: int) -> jax.Array:
+    layers: dict[str, tuple[nn.Module, dict[str, int]]] = {}  # name -> (module, param sizes)
+    shapes: dict[str, jax.ShapeDtypeStruct] = {}  # name -> output shape
+
+    def forward(perturbations):
+        inputs = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, _LINEAR_LAYERS):
+                return next_fun(*args, **kwargs)
+            name = "/".join(mod.path)
+            if name in inputs:
+                raise ValueError(f"layerwise Gram: layer {name} is called twice; use gram='vmap'")
+            x = args[0]
+            if isinstance(mod, nn.BatchNorm):
+                if not nn.merge_param(
+                    "use_running_average",
+                    mod.use_running_average,
+                    kwargs.get("use_running_average"),
+                ):
+                    raise ValueError(f"layerwise Gram needs fixed BatchNorm statistics ({name})")
+                stats = mod.variables["batch_stats"]
+                x = (x - stats["mean"]) * jax.lax.rsqrt(stats["var"] + mod.epsilon)
+            out = next_fun(*args, **kwargs)
+            inputs[name] = x
+            sizes = {k: v.size for k, v in mod.variables.get("params", {}).items()}
+            layers[name] = (mod, sizes)
+            shapes[name] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            if perturbations is None:
+                return out
+            return out + perturbations[name].astype(out.dtype)
+
+        with nn.intercept_methods(interceptor):
+            logits = logit_fn(params, images)
+        return logits, inputs
+
+    jax.eval_shape(lambda: forward(None))  # fills `layers` and `shapes`
+    if not layers:
+        raise ValueError(
+            "layerwise Gram: no Conv/Dense/BatchNorm layer was seen when tracing logit_fn; it "
+            "must not be a jax.jit-compiled function (its cached trace bypasses "
+            "nn.intercept_methods)"
+        )
+    covered = sum(sum(sizes.values()) for _, sizes in layers.values())
+    if covered != total:
+        raise ValueError(
+            f"layerwise Gram: Conv/Dense/BatchNorm layers hold {covered} of the {total} "
+            "parameters; the model has other parametrised layers: use gram='vmap'"
+        )
+    zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+    logits, vjp_fn, inputs = jax.vjp(forward, zeros, has_aux=True)
+    if set(inputs) != set(layers):
+        raise ValueError(
+            "layerwise Gram: the layers were not seen when tracing logit_fn; it must not be a "
+            "jax.jit-compiled function (its cached trace bypasses nn.intercept_methods)"
+        )
+    n, c = logits.shape
+    basis = jnp.broadcast_to(jnp.eye(c, dtype=logits.dtype)[:, None, :], (c, n, c))
+    (deltas,) = jax.vmap(vjp_fn)(basis)  # name -> [C, n, *output shape]
+
+    gram = jnp.zeros((n, c, c), jnp.float32)
+    for name, (mod, p) in layers.items():
+        x = inputs[name].astype(jnp.float32)
+        d = deltas[name].astype(jnp.float32)
+        if isinstance(mod, nn.BatchNorm):
+            axes = tuple(range(2, d.ndim - 1))
+            if "scale" in p:
+                gram += _outer(jnp.sum(d * x[None], axis=axes))
+            if "bias" in p:
+                gram += _outer(jnp.sum(d, axis=axes))
+            continue
+        if isinstance(mod, nn.Conv):
+            x = _patches(mod, x)
+        d = d.reshape(c, n, -1, d.shape[-1])  # [C, n, S, O]
+        gram += _matmul_gram(x.reshape(n, -1, x.shape[-1]), d)
+        if "bias" in p:
+            gram += _outer(jnp.sum(d, axis=2))
+    return gram
+
+
+def _outer(g: jax.Array) -> jax.Array:
+    """[C, n, O] per-sample gradients of one parameter -> [n, C, C] inner products."""
+    return jnp.einsum("ano,bno->nab", g, g)
+
+
+def _matmul_gram(x: jax.Array, d: jax.Array) -> jax.Array:
+    """Inner products of the gradients x_i^T d_ia of a kernel applied at S positions.
+
+    Args:
+      x: [n, S, P] inputs (patches) per position.
+      d: [C, n, S, O] cotangents at the outputs.
+
+    Returns:
+      [n, C, C].
+    """
+    c, _, s, o = d.shape
+    p = x.shape[-1]
+    if s * s * (p + c * o) < c * s * p * o + c * c * p * o:
+        xx = jnp.einsum("nsp,ntp->nst", x, x)
+        return jnp.einsum("anso,bnso->nab", d, jnp.einsum("nst,bnto->bnso", xx, d))
+    g = jnp.einsum("nsp,cnso->cnpo", x, d)
+    return jnp.einsum("anpo,bnpo->nab", g, g)
+
+
+def _patches(mod: nn.Conv, x: jax.Array) -> jax.Array:
+    """[n, H, W, I] -> [n, H', W', kh * kw * I] input patches of a 2-D nn.Conv.
+
+    Strided slices of the padded input, one per kernel offset (on the CPU this was several
+    times faster than `lax.conv_general_dilated_patches`, an identity-kernel convolution).
+    """
+    ks = tuple(mod.kernel_size)
+    strides = mod.strides if mod.strides is not None else 1
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    dilation = mod.kernel_dilation if mod.kernel_dilation is not None else 1
+    dilation = (dilation,) * 2 if isinstance(dilation, int) else tuple(dilation)
+    padding = mod.padding
+    if isinstance(padding, int):
+        padding = ((padding, padding),) * 2
+    elif isinstance(padding, str) and padding in ("SAME", "VALID"):
+        spans = [(k - 1) * r + 1 for k, r in zip(ks, dilation, strict=True)]
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], spans, strides, padding)
+    elif not isinstance(padding, str):
+        padding = tuple((q, q) if isinstance(q, int) else tuple(q) for q in padding)
+    unsupported = (
+        len(ks) != 2
+        or isinstance(padding, str)
+        or mod.feature_group_count != 1
+        or (mod.input_dilation is not None and set(np.atleast_1d(mod.input_dilation)) != {1})
+    )
+    if unsupported:
+        raise ValueError(f"layerwise Gram: unsupported Conv {'/'.join(mod.path)}; use gram='vmap'")
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    out = [(xp.shape[1 + a] - (ks[a] - 1) * dilation[a] - 1) // strides[a] + 1 for a in range(2)]
+    cols = [
+        jax.lax.slice(
+            xp,
+            (0, i * dilation[0], j * dilation[1], 0),
+            (
+                xp.shape[0],
+                i * dilation[0] + (out[0] - 1) * strides[0] + 1,
+                j * dilation[1] + (out[1] - 1) * strides[1] + 1,
+                xp.shape[3],
+            ),
+            (1, strides[0], strides[1], 1),
+        )
+        for i in range(ks[0])
+        for j in range(ks[1])
+    ]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def gram(
+    logit_fn: LogitFn, params: Any, images: jax.Array, chunk_size: int, method: str
+) -> jax.Array:
+    """[B, C, C] per-sample Gram matrices by `method` in GRAM_METHODS."""
+    if method == "layerwise":
+        return layerwise_gram(logit_fn, params, images, chunk_size)
+    if method == "vmap":
+        return per_sample_gram(logit_fn, params, images, chunk_size)
+    raise ValueError(f"unknown gram method {method!r}; expected one of {GRAM_METHODS}")
 
 
 def _normalise_rows(raw: jax.Array, empty_rows: str) -> tuple[jax.Array, jax.Array]:

@@ -24,7 +24,8 @@ METHODS = {
     "aver": dict(weighting="aver"),
     "random": dict(weighting="random"),
     "agre/last_layer": dict(weighting="agre", grad_scope="last_layer"),
-    "agre/full": dict(weighting="agre", grad_scope="full"),
+    "agre/full": dict(weighting="agre", grad_scope="full", gram="layerwise"),
+    "agre/full-vmap": dict(weighting="agre", grad_scope="full", gram="vmap"),
     "agre_batch": dict(weighting="agre_batch", grad_scope="full"),
 }
 

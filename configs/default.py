@@ -87,7 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.grad_scope = "full"  # 'full' (all student parameters) or 'last_layer'
     c.distill.normalize_grads = True  # False: the paper's Table 6 ablation (raw dot product)
     c.distill.empty_rows = "uniform"  # rows where all teachers pull with the biased model
-    c.distill.chunk_size = 8  # samples per vmapped chunk of the per-sample Gram matrices
+    c.distill.gram = "layerwise"  # per-sample Gram matrices: 'layerwise' (fast) or 'vmap'
+    c.distill.chunk_size = 8  # samples per chunk of the per-sample Gram matrices
     c.distill.batch_min_weight = 0.01  # agre_batch: lower clip of the per-teacher weights
     c.distill.gammas = ml_collections.ConfigDict(
         dict(layer1=0.0, layer2=0.0, layer3=0.0, layer4=0.0, pooled=0.0)

@@ -4,6 +4,7 @@ parameter (one `jax.grad` per sample and reference), cosines computed by hand in
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,12 +45,11 @@ def setup(num_classes):
     stats = fixed_stats(model)
     params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(k2, x.shape), variables["params"])
 
-    @jax.jit
-    def logit_fn(p, x):
+    def logit_fn(p, x):  # not jitted: layerwise_gram intercepts its layers while tracing
         return model.apply({"params": p, "batch_stats": stats}, x, train=False)
 
     images = jax.random.normal(k3, (B, 8, 8, 3))
-    s_logits = logit_fn(params, images)
+    s_logits = jax.jit(logit_fn)(params, images)
     ref = s_logits[None] + 2.0 * jax.random.normal(k4, (M + 1, B, num_classes))
     return logit_fn, params, images, s_logits, ref[:M], ref[M]
 
@@ -98,12 +98,13 @@ def brute_force_agre(gt, gb, normalize, empty_rows="uniform"):
     return out
 
 
+@pytest.mark.parametrize("method", weighting.GRAM_METHODS)
 @pytest.mark.parametrize("num_classes", [2, 10])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_agre_full_scope_matches_brute_force(num_classes, normalize):
+def test_agre_full_scope_matches_brute_force(num_classes, normalize, method):
     logit_fn, params, images, s_logits, t_logits, b_logits = setup(num_classes)
     g_t, g_b = weighting.kd_grads(s_logits, t_logits, b_logits, TAU)
-    gram = jax.jit(weighting.per_sample_gram, static_argnums=(0, 3))(logit_fn, params, images, 4)
+    gram = jax.jit(weighting.gram, static_argnums=(0, 3, 4))(logit_fn, params, images, 4, method)
     chex.assert_shape(gram, (B, num_classes, num_classes))
     ours, _ = weighting.agre_weights(
         g_t, g_b, gram=gram, normalize_grads=normalize, empty_rows="uniform"
@@ -165,7 +166,7 @@ def test_two_class_closed_form_equals_gram_and_brute_force(empty_rows):
     assert bool(empty[1]) and not bool(empty[0])
     expected_row = np.full(M, 1.0 / M) if empty_rows == "uniform" else np.zeros(M)
     np.testing.assert_allclose(closed[1], expected_row, rtol=1e-6)
-    gram = jax.jit(weighting.per_sample_gram, static_argnums=(0, 3))(logit_fn, params, images, 3)
+    gram = jax.jit(weighting.layerwise_gram, static_argnums=(0, 3))(logit_fn, params, images, 3)
     via_gram, empty_gram = weighting.agre_weights(
         g_t, g_b, gram=gram, normalize_grads=True, empty_rows=empty_rows
     )
@@ -243,3 +244,61 @@ def test_step_weights_use_this_batch_statistics():
     np.testing.assert_allclose(fixed, train_logits, atol=1e-5)
     cfg = distill.DistillConfig(weighting="agre", grad_scope="full", chunk_size=2)
     assert cfg.needs_gram
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_layerwise_gram_equals_per_sample_jacobians(arch):
+    """Strided 7x7 stem, max-pool, downsampling and Bottleneck blocks: every layer kind."""
+    model = models.create(arch, 10, width=4)
+    variables = models.init(model, jax.random.key(0), 16)
+    stats = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])
+
+    def logit_fn(p, x):
+        return model.apply({"params": p, "batch_stats": stats}, x, train=False)
+
+    images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    grams = [
+        jax.jit(weighting.gram, static_argnums=(0, 3, 4))(
+            logit_fn, variables["params"], images, 2, method
+        )
+        for method in ("layerwise", "vmap")
+    ]
+    scale = float(jnp.max(jnp.abs(grams[1])))
+    np.testing.assert_allclose(grams[0] / scale, grams[1] / scale, atol=1e-5)
+
+
+def test_layerwise_gram_refuses_what_it_cannot_decompose():
+    model = tiny_resnet(3)
+    variables = models.init(model, jax.random.key(0), 8)
+    images = jnp.ones((2, 8, 8, 3))
+
+    def fixed(p, x):
+        return model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=False)
+
+    with pytest.raises(ValueError, match="must not be a jax.jit"):
+        jitted = jax.jit(fixed)
+        jitted(variables["params"], images)  # cached trace without the interceptor
+        weighting.layerwise_gram(jitted, variables["params"], images, 2)
+
+    def batch_stats(p, x):
+        out, _ = model.apply(
+            {"params": p, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return out
+
+    with pytest.raises(ValueError, match="fixed BatchNorm statistics"):
+        weighting.layerwise_gram(batch_stats, variables["params"], images, 2)
+
+    class WithLayerNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+            return nn.Dense(3)(x)
+
+    ln = WithLayerNorm()
+    ln_params = ln.init(jax.random.key(0), images)["params"]
+    with pytest.raises(ValueError, match="other parametrised layers"):
+        weighting.layerwise_gram(lambda p, x: ln.apply({"params": p}, x), ln_params, images, 2)
