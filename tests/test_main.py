@@ -278,3 +278,9 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_reports_are_readable_by_others(reference):
+    work, _ = reference
+    for name in ("config.json", "results.json", "results.md"):
+        assert (work / name).stat().st_mode & 0o777 == 0o644, name
