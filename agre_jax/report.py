@@ -330,7 +330,12 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
         ]
     if missing:
         lines += ["", f"**Runs not run (yet)** ({len(missing)}):"]
-        lines += [f"- `{r['variant']}` seed {r['seed']}" for r in missing]
+        by_variant: dict[str, list[str]] = {}
+        for r in missing:
+            by_variant.setdefault(r["variant"], []).append(str(r["seed"]))
+        lines += [
+            f"- `{v}` seed{'s' if len(s) > 1 else ''} {', '.join(s)}" for v, s in by_variant.items()
+        ]
     if agg["teachers"]:
         stages = sorted({t["stage"] for t in agg["teachers"]})
         lines += [

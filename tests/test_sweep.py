@@ -161,7 +161,7 @@ def test_report_files(fabricated):
     assert [line.split("|")[1].strip() for line in table] == ["`c`", "`a`", "`b`"]
     assert "90.0 ± -" in table[0] and "82.0 ± 2.0" in table[1] and "| —" in table[1]
     assert "**Failed runs** (1" in md and "`b` seed 2: RuntimeError: boom" in md
-    assert "`c` seed 1" in md and "`d` seed 0" in md  # not run
+    assert "`c` seeds 1, 2" in md and "`d` seeds 0, 1, 2" in md  # not run, one line each
     assert "## Teachers" in md and "ensemble (1 DFR + 1 ERM), avg logits" in md
     rows = list(csv.DictReader(io.StringIO((fabricated / "results.csv").read_text())))
     assert [r["variant"] for r in rows] == ["c", "a", "b", "d"]
