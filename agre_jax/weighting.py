@@ -124,6 +124,10 @@ def layerwise_gram(logit_fn: LogitFn, params: Any, images: jax.Array, chunk_size
 
 
 _LINEAR_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm)
+_NOT_TRACED = (
+    "layerwise Gram: the Conv/Dense/BatchNorm layers were not seen when tracing logit_fn; it "
+    "must not be a jax.jit-compiled function (its cached trace bypasses nn.intercept_methods)"
+)
 
 
 def _layerwise_chunk(logit_fn: LogitFn, params: Any, images: jax.Array, total: int) -> jax.Array:
@@ -165,11 +169,7 @@ def _layerwise_chunk(logit_fn: LogitFn, params: Any, images: jax.Array, total: i
 
     jax.eval_shape(lambda: forward(None))  # fills `layers` and `shapes`
     if not layers:
-        raise ValueError(
-            "layerwise Gram: no Conv/Dense/BatchNorm layer was seen when tracing logit_fn; it "
-            "must not be a jax.jit-compiled function (its cached trace bypasses "
-            "nn.intercept_methods)"
-        )
+        raise ValueError(_NOT_TRACED)
     covered = sum(sum(sizes.values()) for _, sizes in layers.values())
     if covered != total:
         raise ValueError(
@@ -179,10 +179,7 @@ def _layerwise_chunk(logit_fn: LogitFn, params: Any, images: jax.Array, total: i
     zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
     logits, vjp_fn, inputs = jax.vjp(forward, zeros, has_aux=True)
     if set(inputs) != set(layers):
-        raise ValueError(
-            "layerwise Gram: the layers were not seen when tracing logit_fn; it must not be a "
-            "jax.jit-compiled function (its cached trace bypasses nn.intercept_methods)"
-        )
+        raise ValueError(_NOT_TRACED)
     n, c = logits.shape
     basis = jnp.broadcast_to(jnp.eye(c, dtype=logits.dtype)[:, None, :], (c, n, c))
     (deltas,) = jax.vmap(vjp_fn)(basis)  # name -> [C, n, *output shape]
@@ -232,50 +229,30 @@ def _matmul_gram(x: jax.Array, d: jax.Array) -> jax.Array:
 
 
 def _patches(mod: nn.Conv, x: jax.Array) -> jax.Array:
-    """[n, H, W, I] -> [n, H', W', kh * kw * I] input patches of a 2-D nn.Conv.
-
-    Strided slices of the padded input, one per kernel offset (on the CPU this was several
-    times faster than `lax.conv_general_dilated_patches`, an identity-kernel convolution).
-    """
-    ks = tuple(mod.kernel_size)
-    strides = mod.strides if mod.strides is not None else 1
-    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-    dilation = mod.kernel_dilation if mod.kernel_dilation is not None else 1
-    dilation = (dilation,) * 2 if isinstance(dilation, int) else tuple(dilation)
+    """[n, H, W, I] -> [n, H', W', I * kh * kw] input patches of a 2-D nn.Conv."""
     padding = mod.padding
     if isinstance(padding, int):
         padding = ((padding, padding),) * 2
-    elif isinstance(padding, str) and padding in ("SAME", "VALID"):
-        spans = [(k - 1) * r + 1 for k, r in zip(ks, dilation, strict=True)]
-        padding = jax.lax.padtype_to_pads(x.shape[1:3], spans, strides, padding)
     elif not isinstance(padding, str):
         padding = tuple((q, q) if isinstance(q, int) else tuple(q) for q in padding)
     unsupported = (
-        len(ks) != 2
-        or isinstance(padding, str)
+        len(mod.kernel_size) != 2
+        or (isinstance(padding, str) and padding not in ("SAME", "VALID"))
         or mod.feature_group_count != 1
         or (mod.input_dilation is not None and set(np.atleast_1d(mod.input_dilation)) != {1})
     )
     if unsupported:
         raise ValueError(f"layerwise Gram: unsupported Conv {'/'.join(mod.path)}; use gram='vmap'")
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out = [(xp.shape[1 + a] - (ks[a] - 1) * dilation[a] - 1) // strides[a] + 1 for a in range(2)]
-    cols = [
-        jax.lax.slice(
-            xp,
-            (0, i * dilation[0], j * dilation[1], 0),
-            (
-                xp.shape[0],
-                i * dilation[0] + (out[0] - 1) * strides[0] + 1,
-                j * dilation[1] + (out[1] - 1) * strides[1] + 1,
-                xp.shape[3],
-            ),
-            (1, strides[0], strides[1], 1),
-        )
-        for i in range(ks[0])
-        for j in range(ks[1])
-    ]
-    return jnp.concatenate(cols, axis=-1)
+    strides = mod.strides if mod.strides is not None else 1
+    dilation = mod.kernel_dilation if mod.kernel_dilation is not None else 1
+    return jax.lax.conv_general_dilated_patches(
+        x,
+        tuple(mod.kernel_size),
+        (strides,) * 2 if isinstance(strides, int) else tuple(strides),
+        padding,
+        rhs_dilation=(dilation,) * 2 if isinstance(dilation, int) else tuple(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
 
 
 def gram(
