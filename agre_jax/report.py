@@ -7,11 +7,19 @@ taken from the `runs/<variant>/seed<k>/` directories) and every run's `results.j
 `error.txt` and `distill/metrics.jsonl`, and writes into SWEEP_DIR:
 
 - `results.md`: one row per variant, mean +- sample std (ddof 1) over the seeds that finished
-  of the selected student's test WGA and both averages, per-group accuracies, n and the delta
-  of mean WGA to the baseline variant, sorted by WGA; failed and missing runs; the teachers.
+  of the selected student's test WGA and both averages, per-group accuracies, n, the delta
+  of mean WGA to the baseline variant and the seconds of the run's own stages, sorted by WGA;
+  the shared stages' seconds (once); failed and missing runs; the teachers.
 - `results.csv`: the same rows (labels as columns, values in %), one per variant.
 - `summary.json`: all of it as data, including every run's status and error.
 - `plots/*.png`: only those the sweep's labels allow (see `make_plots`).
+
+Costs: a run's results.json gives `stages` = {name: {seconds, reused}} (or, from older runs,
+only `seconds` = {name: seconds}). Distillation and evaluation are the run's own (per-variant
+columns, mean over seeds); data, teachers and DFR are shared by the runs of a stage and are
+reported once for the sweep (see `shared_seconds`), not charged to the run that computed them.
+
+This module imports `sweep` (definitions) and `workdir`, never the runner or the training.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ LINE_TITLES = {
 AGRE_WEIGHTINGS = ("agre", "agre_batch")
 MAX_WEIGHT_PANELS = 12
 WGA_AXIS = "worst-group test accuracy (%)"
+# Stages in results.json: a run's own, and those shared by the runs of one stage directory.
+OWN_STAGES = ("distill", "evaluate")
+SHARED_STAGES = ("data", "teachers", "dfr")
 
 
 @dataclasses.dataclass
@@ -166,7 +177,7 @@ def aggregate(spec: Mapping[str, Any], runs: Sequence[RunRecord]) -> dict[str, A
             math.nan
         ] * len(group_names)
         row["kinds"] = list(ok[0].results.get("teachers", {}).get("kinds", [])) if ok else []
-        row["seconds"] = mean_std([_get(r.results, "seconds", "total") or math.nan for r in ok])[0]
+        row["seconds"] = own_seconds([r.results for r in ok])
         rows.append(row)
     by_name = {r["variant"]: r for r in rows}
     base = by_name.get(spec.get("baseline") or "")
@@ -201,6 +212,7 @@ def aggregate(spec: Mapping[str, Any], runs: Sequence[RunRecord]) -> dict[str, A
             for r in runs
         ],
         "teachers": teacher_rows(done),
+        "shared_seconds": shared_seconds(done),
     }
 
 
@@ -219,6 +231,70 @@ def _label_names(spec: Mapping[str, Any]) -> list[str]:
     for v in spec["variants"]:
         names += [k for k in v["labels"] if k not in names]
     return names
+
+
+def stage_seconds(results: Mapping[str, Any]) -> dict[str, tuple[float, bool]]:
+    """{stage: (seconds, reused)} from a run's results.json. `stages` = {name: {'seconds',
+    'reused'}}, where reused means an earlier run computed the stage and the seconds are what
+    it took then; older results have only `seconds` = {name: seconds, 'total': ...}: every
+    stage then counts as not reused (a reusing run recorded its short loading time)."""
+    stages = results.get("stages")
+    if isinstance(stages, Mapping):
+        return {
+            name: (float(x["seconds"]), bool(x.get("reused", False)))
+            for name, x in stages.items()
+            if isinstance(x, Mapping) and _is_number(x.get("seconds"))
+        }
+    seconds = results.get("seconds")
+    if not isinstance(seconds, Mapping):
+        return {}
+    return {k: (float(v), False) for k, v in seconds.items() if k != "total" and _is_number(v)}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def own_seconds(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """A variant's cost: the mean over its finished seeds of each own stage's seconds (over the
+    seeds that recorded it), and 'run', their sum (NaN unless every own stage is known)."""
+    times = [stage_seconds(r) for r in results]
+    out = {s: mean_std([t[s][0] for t in times if s in t])[0] for s in OWN_STAGES}
+    known = all(math.isfinite(out[s]) for s in OWN_STAGES)
+    out["run"] = sum(out[s] for s in OWN_STAGES) if known else math.nan
+    return out
+
+
+def _stage_identity(results: Mapping[str, Any], stage: str) -> str:
+    """Which stage directory a run's shared stage was: runs with the same teachers (and DFR)
+    source, or the same dataset, shared one computation of it."""
+    if stage == "data":
+        return str(results.get("dataset", ""))
+    return str(_get(results, "teachers", "source") or "")
+
+
+def shared_seconds(done: Sequence[RunRecord]) -> dict[str, dict[str, Any]]:
+    """The shared stages' seconds, counted once per stage directory: from the run that
+    computed it (the longest if several did, e.g. data loaded by every run), else the time
+    recorded by the runs that reused it. {stage: {'seconds': sum over the stage's
+    directories, 'stages': how many, 'earlier': how many were computed before every run
+    here}}; stages that no run recorded are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in SHARED_STAGES:
+        groups: dict[str, list[tuple[float, bool]]] = {}
+        for r in done:
+            t = stage_seconds(r.results).get(stage)
+            if t is not None:
+                groups.setdefault(_stage_identity(r.results, stage), []).append(t)
+        if not groups:
+            continue
+        total, earlier = 0.0, 0
+        for records in groups.values():
+            computed = [s for s, reused in records if not reused]
+            total += max(computed or [s for s, _ in records])
+            earlier += not computed
+        out[stage] = {"seconds": total, "stages": len(groups), "earlier": earlier}
+    return out
 
 
 def teacher_rows(done: Sequence[RunRecord]) -> list[dict[str, Any]]:
@@ -264,6 +340,29 @@ def _pm(stat: Mapping[str, float]) -> str:
     return f"{stat['mean']:.1f} ± {_pct(stat['std'])}"
 
 
+def _secs(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}"
+
+
+def shared_line(agg: Mapping[str, Any]) -> str:
+    """One line: every shared stage's seconds, counted once for the sweep ('' if none)."""
+    parts = []
+    for stage, x in agg.get("shared_seconds", {}).items():
+        notes = [f"{x['stages']} stage directories"] if x["stages"] > 1 else []
+        if x["earlier"]:
+            notes.append(
+                "computed by an earlier run" if x["stages"] == 1 else f"{x['earlier']} earlier"
+            )
+        parts.append(
+            f"{stage} {_secs(x['seconds'])} s" + (f" ({', '.join(notes)})" if notes else "")
+        )
+    if not parts:
+        return ""
+    return "Shared stages, computed once for all runs (not in s/run): " + ", ".join(parts) + "."
+
+
 def _label(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
@@ -302,12 +401,14 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
             f" Δ WGA: mean WGA minus that of `{agg['baseline']}`, in points."
             if agg["baseline"]
             else ""
-        ),
+        )
+        + " s/run: wall-clock seconds of a run's own stages (distillation and evaluation), "
+        "mean over its seeds; the stages shared by all runs are listed once below the table.",
         "",
     ]
     labels = agg["label_names"]
     head = ["variant", *labels, "WGA", "Δ WGA", "avg (train-weighted)", "avg (plain)"]
-    head += [f"acc {g}" for g in agg["group_names"]] + ["n"]
+    head += [f"acc {g}" for g in agg["group_names"]] + ["n", "s/run"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in agg["rows"]:
         if not row["n"]:
@@ -320,9 +421,12 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
         cells = [f"`{row['variant']}`", *(_label(row["labels"].get(k, "")) for k in labels)]
         cells += [_pm(row["wga"]), delta, _pm(row["avg_acc_weighted"]), _pm(row["avg_acc"])]
         cells += [_pct(a) for a in row["group_acc"]] + [str(row["n"])]
+        cells.append(_secs(row["seconds"]["run"]))
         lines.append("| " + " | ".join(cells) + " |")
     if not any(row["n"] for row in agg["rows"]):
         lines.append("| (no run has finished yet) |" + " |" * (len(head) - 1))
+    if shared_line(agg):
+        lines += ["", shared_line(agg)]
     if failed:
         lines += ["", f"**Failed runs** ({len(failed)}; message and traceback in error.txt):"]
         lines += [
@@ -365,11 +469,14 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
 
 def csv_rows(agg: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     """results.csv as (field names, rows): one row per variant (also those with n = 0, whose
-    values are empty), values in %."""
+    values are empty), values in %; `seconds_<stage>_mean`: the run's own stages (distill,
+    evaluate, and 'run', their sum), mean over seeds. The shared stages, counted once, are in
+    results.md and summary.json ('shared_seconds')."""
     fields = ["variant", *agg["label_names"], "n", "seeds", "failed"]
     for m in METRICS:
         fields += [f"{m}_mean_pct", f"{m}_std_pct"] + (["delta_wga_pct"] if m == "wga" else [])
-    fields += [f"acc_{g}_mean_pct" for g in agg["group_names"]] + ["seconds_mean"]
+    fields += [f"acc_{g}_mean_pct" for g in agg["group_names"]]
+    fields += [f"seconds_{s}_mean" for s in (*OWN_STAGES, "run")]
     out = []
     for row in agg["rows"]:
         r: dict[str, Any] = {"variant": row["variant"], **row["labels"]}
@@ -379,7 +486,8 @@ def csv_rows(agg: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
         r["delta_wga_pct"] = row["delta_wga"]
         for g, a in zip(agg["group_names"], row["group_acc"], strict=True):
             r[f"acc_{g}_mean_pct"] = a
-        r["seconds_mean"] = row["seconds"]
+        for s in (*OWN_STAGES, "run"):
+            r[f"seconds_{s}_mean"] = row["seconds"][s]
         out.append({k: _csv_value(r.get(k, "")) for k in fields})
     return fields, out
 

@@ -1,7 +1,9 @@
-"""Sweeps and their reports: aggregation and plots on fabricated run directories, the sweep
-runner with a fake trainer (skips, failures, changed configs), every sweep config on every
-dataset preset, and one tiny real sweep through main.py."""
+"""Sweeps and their reports: aggregation, costs and plots on fabricated run directories, the
+sweep runner with a fake trainer (skips, failures, changed configs), every sweep config on
+every dataset preset, the import graph (no cycle; sweep definitions without jax or
+tensorflow), and one tiny real sweep through main.py."""
 
+import ast
 import csv
 import io
 import json
@@ -14,7 +16,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from agre_jax import report, sweep, train, workdir
+from agre_jax import errors, report, sweep, sweep_runner, train, workdir
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +39,7 @@ def metrics(wga, group_acc=None):
     }
 
 
-def fake_results(seed, wga, kinds=("DFR", "ERM"), weighting="agre"):
+def fake_results(seed, wga, kinds=("DFR", "ERM"), weighting="agre", seconds=None, stages=None):
     test = {}
     for i in range(len(kinds)):
         test[f"ERM teacher {i}"] = metrics(0.1 + 0.1 * i)
@@ -55,7 +57,8 @@ def fake_results(seed, wga, kinds=("DFR", "ERM"), weighting="agre"):
         "selection": train.SELECTION,
         "teachers": {"kinds": list(kinds), "source": "/sweep/stages/teachers-0123abcd"},
         "test": test,
-        "seconds": {"total": 10.0},
+        "seconds": seconds or {"total": 10.0},
+        **({"stages": stages} if stages else {}),
         "seed": seed,
         "config": {"distill": {"weighting": weighting}},
     }
@@ -173,6 +176,115 @@ def test_report_files(fabricated):
     assert agg["label_names"] == ["method"]
 
 
+def stages(data, teachers, dfr, distill, evaluate, reused=()):
+    """results.json['stages'] (the new form); `reused` names the stages an earlier run made."""
+    times = dict(data=data, teachers=teachers, dfr=dfr, distill=distill, evaluate=evaluate)
+    return {k: {"seconds": v, "reused": k in reused} for k, v in times.items()}
+
+
+def cost_sweep(root, results_of):
+    """Variants a (baseline) and b, seeds 0 and 1; results_of(variant, seed) -> results."""
+    write_spec(root, spec({"a": {}, "b": {}}, seeds=(0, 1)))
+    for v, seed in (("a", 0), ("b", 0), ("a", 1), ("b", 1)):
+        write_run(root, v, seed, results_of(v, seed))
+    return report.write_report(root, plots=False)
+
+
+def test_costs_charge_shared_stages_once_not_to_the_first_variant(tmp_path):
+    """New results.json form: a/0 ran first and trained the teachers (262 s) and DFR (15 s);
+    the other runs reused them (and recorded those times) but loaded the data themselves.
+    Variant b's seed 0 resumed after its distillation (reused: its recorded time counts)."""
+    times = {
+        ("a", 0): stages(3.0, 262.0, 15.0, 40.0, 5.0),
+        ("b", 0): stages(2.0, 262.0, 15.0, 20.0, 4.0, reused=("teachers", "dfr", "distill")),
+        ("a", 1): stages(2.5, 262.0, 15.0, 44.0, 7.0, reused=("teachers", "dfr")),
+        ("b", 1): stages(2.0, 262.0, 15.0, 30.0, 4.0, reused=("teachers", "dfr")),
+    }
+    old_seconds = {"teachers": 999.0, "total": 999.0}  # ignored when 'stages' is there
+    agg = cost_sweep(
+        tmp_path,
+        lambda v, seed: fake_results(
+            seed, 0.8 - 0.1 * (v == "b"), seconds=old_seconds, stages=times[v, seed]
+        ),
+    )
+    rows = {r["variant"]: r for r in agg["rows"]}
+    assert rows["a"]["seconds"] == pytest.approx({"distill": 42.0, "evaluate": 6.0, "run": 48.0})
+    assert rows["b"]["seconds"] == pytest.approx({"distill": 25.0, "evaluate": 4.0, "run": 29.0})
+    assert agg["shared_seconds"] == {
+        "data": {"seconds": 3.0, "stages": 1, "earlier": 0},  # once: the longest load
+        "teachers": {"seconds": 262.0, "stages": 1, "earlier": 0},
+        "dfr": {"seconds": 15.0, "stages": 1, "earlier": 0},
+    }
+    md = (tmp_path / "results.md").read_text()
+    assert "| n | s/run |" in md and "s/run: wall-clock seconds of a run's own stages" in md
+    table = {line.split("|")[1].strip(): line for line in md.splitlines() if line[:3] == "| `"}
+    assert table["`a`"].endswith("| 2 | 48 |") and table["`b`"].endswith("| 2 | 29 |")
+    shared = (
+        "Shared stages, computed once for all runs (not in s/run): "
+        "data 3.0 s, teachers 262 s, dfr 15 s."
+    )
+    assert shared in md.splitlines()
+    rows = {r["variant"]: r for r in csv.DictReader(io.StringIO(report.to_csv(agg)))}
+    assert "seconds_mean" not in rows["a"]  # the old column charged a/0 with the teachers
+    assert rows["a"]["seconds_run_mean"] == "48.0" and rows["a"]["seconds_distill_mean"] == "42.0"
+    assert rows["b"]["seconds_evaluate_mean"] == "4.0" and rows["b"]["seconds_run_mean"] == "29.0"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["shared_seconds"]["teachers"]["seconds"] == 262.0
+
+
+def test_costs_of_stages_computed_before_every_run_and_of_two_teacher_stages(tmp_path):
+    """Variant b names other teachers than a: two teacher (and DFR) stages, each counted once.
+    Seed 0 of each variant trained its teachers (100 s and 200 s); every run reused its DFR
+    stage (made by a run that failed, or by another sweep): its recorded time, once each."""
+
+    def results_of(v, seed):
+        reused = ("dfr",) if seed == 0 else ("dfr", "teachers")
+        teachers = 200.0 if v == "b" else 100.0
+        times = stages(1.0, teachers, 15.0, 10.0, 2.0, reused=reused)
+        r = fake_results(seed, 0.7, stages=times)
+        r["teachers"]["source"] = f"/sweep/stages/teachers-{v}"
+        return r
+
+    agg = cost_sweep(tmp_path, results_of)
+    assert agg["shared_seconds"] == {
+        "data": {"seconds": 1.0, "stages": 1, "earlier": 0},
+        "teachers": {"seconds": 300.0, "stages": 2, "earlier": 0},
+        "dfr": {"seconds": 30.0, "stages": 2, "earlier": 2},
+    }
+    line = report.shared_line(agg)
+    assert "teachers 300 s (2 stage directories)" in line
+    assert "dfr 30 s (2 stage directories, 2 earlier)" in line
+
+
+def test_costs_from_old_results_without_stages(tmp_path):
+    """Old results.json (only 'seconds'): data, teachers and DFR are shared, the max over the
+    runs (a reusing run recorded its loading time); a run that reused its distillation has
+    no 'distill' entry: the mean is over the seeds that have one."""
+    seconds = {
+        ("a", 0): dict(data=3.0, teachers=262.0, dfr=15.0, distill=40.0, evaluate=5.0),
+        ("b", 0): dict(data=2.0, teachers=0.5, dfr=0.1, evaluate=4.0),
+        ("a", 1): dict(data=2.5, teachers=0.4, dfr=0.1, distill=44.0, evaluate=7.0),
+        ("b", 1): dict(data=2.0, teachers=0.5, dfr=0.2, distill=30.0, evaluate=4.0),
+    }
+    agg = cost_sweep(
+        tmp_path,
+        lambda v, seed: fake_results(seed, 0.7, seconds={**seconds[v, seed], "total": 330.0}),
+    )
+    rows = {r["variant"]: r for r in agg["rows"]}
+    assert rows["a"]["seconds"] == pytest.approx({"distill": 42.0, "evaluate": 6.0, "run": 48.0})
+    assert rows["b"]["seconds"] == pytest.approx({"distill": 30.0, "evaluate": 4.0, "run": 34.0})
+    assert {k: v["seconds"] for k, v in agg["shared_seconds"].items()} == {
+        "data": 3.0,
+        "teachers": 262.0,
+        "dfr": 15.0,
+    }
+    assert "data 3.0 s, teachers 262 s, dfr 15 s." in (tmp_path / "results.md").read_text()
+    # Results with no times at all: no costs, and no line.
+    agg = cost_sweep(tmp_path / "none", lambda v, seed: fake_results(seed, 0.7, seconds={}))
+    assert math.isnan(agg["rows"][0]["seconds"]["run"]) and agg["shared_seconds"] == {}
+    assert "Shared stages" not in (tmp_path / "none" / "results.md").read_text()
+
+
 def test_plots_follow_the_labels(tmp_path):
     root = tmp_path / "sweep"
     variants = {}
@@ -239,14 +351,14 @@ def tiny_sweep(**overrides):
 
 
 def test_plan_applies_overrides_seeds_and_shared_stage_dir(tmp_path):
-    runs = sweep.plan(tiny_sweep(), tmp_path)
+    runs = sweep_runner.plan(tiny_sweep(), tmp_path)
     assert [(r.variant, r.seed) for r in runs] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     b1 = runs[3]
     assert b1.directory == tmp_path / "runs" / "b" / "seed1"
     assert b1.config.seed == 1 and b1.config.train.epochs == 1
     assert b1.config.distill.weighting == "aver" and "sweep" not in b1.config
     assert {r.config.stage_dir for r in runs} == {str(tmp_path / "stages")}
-    only = sweep.plan(tiny_sweep(**{"sweep.only": "b", "sweep.seeds": (3,)}), tmp_path)
+    only = sweep_runner.plan(tiny_sweep(**{"sweep.only": "b", "sweep.seeds": (3,)}), tmp_path)
     assert [(r.variant, r.seed) for r in only] == [("b", 3)]
 
 
@@ -266,7 +378,7 @@ def test_bad_variants_are_refused(tmp_path, variant, message):
     c.sweep.variants = (variant,)
     c.sweep.baseline = ""
     with pytest.raises(sweep.SweepError, match=message):
-        sweep.plan(c, tmp_path)
+        sweep_runner.plan(c, tmp_path)
 
 
 def test_bad_sweep_fields_are_refused(tmp_path):
@@ -277,11 +389,11 @@ def test_bad_sweep_fields_are_refused(tmp_path):
         ({"sweep.only": "a,zzz"}, "unknown variants"),
     ):
         with pytest.raises(sweep.SweepError, match=message):
-            sweep.plan(tiny_sweep(**overrides), tmp_path)
+            sweep_runner.plan(tiny_sweep(**overrides), tmp_path)
     c = tiny_sweep()
     c.sweep.variants = c.sweep.variants + (c.sweep.variants[0],)
     with pytest.raises(sweep.SweepError, match="duplicate variant names"):
-        sweep.plan(c, tmp_path)
+        sweep_runner.plan(c, tmp_path)
 
 
 @pytest.mark.parametrize("name", SWEEP_CONFIGS)
@@ -289,7 +401,7 @@ def test_bad_sweep_fields_are_refused(tmp_path):
 def test_sweep_configs_plan_on_every_preset(tmp_path, name, preset):
     module = __import__(f"configs.sweeps.{name}", fromlist=["get_config"])
     config = module.get_config(preset)
-    runs = sweep.plan(config, tmp_path)  # builds and validates every run config
+    runs = sweep_runner.plan(config, tmp_path)  # builds and validates every run config
     s = sweep.spec_of(config)
     assert len(runs) == len(s["variants"]) * len(s["seeds"])
     assert s["baseline"] in {v["name"] for v in s["variants"]}
@@ -317,10 +429,16 @@ class FakeTrainer:
         return r
 
 
-def test_run_sweep_skips_finished_runs_and_continues_past_failures(tmp_path):
+def test_run_sweep_skips_finished_runs_and_continues_past_failures(tmp_path, capsys):
     fake = FakeTrainer(fail={("b", 1)})
-    out = sweep.run_sweep(tiny_sweep(), tmp_path, source="tests/x.py", train_fn=fake)
+    out = sweep_runner.run_sweep(tiny_sweep(), tmp_path, source="tests/x.py", train_fn=fake)
     assert len(fake.calls) == 4 and out["exit_code"] == 1
+    # The sweep ends by saying where its report is.
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == (
+        f"[sweep] report: {tmp_path / 'results.md'} (and results.csv, summary.json, "
+        f"plots/ ({len(out['plots'])} plots), in {tmp_path})"
+    )
     error = (tmp_path / "runs" / "b" / "seed1" / sweep.ERROR_FILE).read_text()
     assert error.startswith("RuntimeError: no luck for seed 1") and "Traceback" in error
     assert [o["status"] for o in out["outcomes"]] == ["done", "done", "done", "failed"]
@@ -330,7 +448,7 @@ def test_run_sweep_skips_finished_runs_and_continues_past_failures(tmp_path):
     assert (tmp_path / "plots" / "wga_by_variant.png").exists()
 
     fake = FakeTrainer()  # again: only the failed run runs, and succeeds
-    out = sweep.run_sweep(tiny_sweep(), tmp_path, train_fn=fake)
+    out = sweep_runner.run_sweep(tiny_sweep(), tmp_path, train_fn=fake)
     assert fake.calls == [("b", 1, False)] and out["exit_code"] == 0
     assert not (tmp_path / "runs" / "b" / "seed1" / sweep.ERROR_FILE).exists()
     assert [r["n"] for r in out["rows"]] == [2, 2]
@@ -338,16 +456,27 @@ def test_run_sweep_skips_finished_runs_and_continues_past_failures(tmp_path):
     # A changed base config is refused before anything runs, or rerun with overwrite.
     changed = tiny_sweep(**{"distill.temperature": 2.0})
     with pytest.raises(sweep.SweepError, match="another config"):
-        sweep.run_sweep(changed, tmp_path, train_fn=fake)
+        sweep_runner.run_sweep(changed, tmp_path, train_fn=fake)
     fake = FakeTrainer()
-    out = sweep.run_sweep(changed, tmp_path, overwrite=True, train_fn=fake)
+    out = sweep_runner.run_sweep(changed, tmp_path, overwrite=True, train_fn=fake)
     assert sorted(fake.calls) == [(v, s, True) for v in "ab" for s in (0, 1)]
 
 
-def test_run_sweep_bad_input_exit_code(tmp_path):
-    fake = FakeTrainer(fail={("a", 0)}, error=train.ConfigError)
-    out = sweep.run_sweep(tiny_sweep(), tmp_path, train_fn=fake)
-    assert out["exit_code"] == 2 and len(fake.calls) == 4
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (errors.ConfigError, 2),
+        (errors.WorkdirError, 2),
+        (workdir.ConfigMismatchError, 2),
+        (errors.UserError, 2),
+        (ValueError, 1),  # a bug, not bad input
+    ],
+)
+def test_run_sweep_bad_input_exit_code(tmp_path, error, code):
+    """A run that fails on an errors.UserError (bad input) makes the sweep exit with 2."""
+    fake = FakeTrainer(fail={("a", 0)}, error=error)
+    out = sweep_runner.run_sweep(tiny_sweep(**{"sweep.seeds": (0,)}), tmp_path, train_fn=fake)
+    assert out["exit_code"] == code and len(fake.calls) == 2
 
 
 def test_overrides_between():
@@ -362,6 +491,115 @@ def test_overrides_between():
     other = ml_collections.ConfigDict({"zzz": 1})
     with pytest.raises(sweep.SweepError):
         sweep.overrides_between(default.get_config(), other)
+
+
+# ---------------------------------------------------------------- import graph
+
+
+def import_graph(root=ROOT):
+    """{module: the agre_jax modules it imports}, for agre_jax/*.py and agre_jax/data/*.py,
+    counting imports anywhere in a module (inside functions too). `from P import x` imports
+    module P.x when there is one, else P."""
+    files = sorted((root / "agre_jax").glob("*.py")) + sorted((root / "agre_jax/data").glob("*.py"))
+    names = {}
+    for f in files:
+        parts = f.relative_to(root).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in names.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, up level - 1
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                for a in node.names:
+                    targets.add(f"{base}.{a.name}" if f"{base}.{a.name}" in names else base)
+        graph[name] = {t for t in targets if t in names and t != name}
+    return graph
+
+
+def find_cycle(graph):
+    """One import cycle as a list of modules (first == last), or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_import_graph_has_no_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    graph = import_graph()
+    assert {"agre_jax.sweep", "agre_jax.report", "agre_jax.data.core"} <= set(graph)
+    assert {"agre_jax.sweep", "agre_jax.report", "agre_jax.train"} <= graph["agre_jax.sweep_runner"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    # Definitions need only errors; the report never reaches the runner or the training.
+    assert reachable(graph, "agre_jax.sweep") <= {"agre_jax.errors"}
+    assert not reachable(graph, "agre_jax.report") & {"agre_jax.sweep_runner", "agre_jax.train"}
+
+
+def test_import_graph_counts_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "agre_jax"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "__init__.py").write_text("from . import core\n")
+    (pkg / "data" / "core.py").write_text("def f():\n    from agre_jax import a\n")
+    (pkg / "a.py").write_text("import agre_jax.data.core\nfrom agre_jax.data import DataError\n")
+    graph = import_graph(tmp_path)
+    assert graph == {
+        "agre_jax": set(),
+        "agre_jax.a": {"agre_jax.data.core", "agre_jax.data"},
+        "agre_jax.data": {"agre_jax.data.core"},
+        "agre_jax.data.core": {"agre_jax.a"},
+    }
+    assert find_cycle(graph) == ["agre_jax.a", "agre_jax.data", "agre_jax.data.core", "agre_jax.a"]
+
+
+def test_sweep_definitions_and_sweep_configs_import_neither_jax_nor_tensorflow():
+    """Config files import agre_jax.sweep: loading and building every configs/sweeps/*.py
+    must not pull in jax or tensorflow (seconds of imports, and TF hides GPUs)."""
+    code = (
+        "import importlib, sys\n"
+        "import agre_jax.sweep\n"
+        f"for name in {SWEEP_CONFIGS!r}:\n"
+        "    importlib.import_module(f'configs.sweeps.{name}').get_config(None)\n"
+        "heavy = ('jax', 'jaxlib', 'flax', 'tensorflow', 'tensorflow_datasets', 'torch')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+    assert len(SWEEP_CONFIGS) >= 9
 
 
 # ---------------------------------------------------------------- end to end
@@ -413,6 +651,10 @@ def test_tiny_sweep_end_to_end(tmp_path):
     md = (tmp_path / "results.md").read_text()
     print(md)
     assert "Runs finished 4 of 4" in md and "Seeds: 0, 1" in md
+    assert "Shared stages, computed once for all runs (not in s/run): data " in md
+    assert ", teachers " in md and ", dfr " in md
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"[sweep] report: {tmp_path / 'results.md'} (and results.csv")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     print((tmp_path / "results.csv").read_text())
     assert sorted(r["variant"] for r in rows) == ["agre", "aver"]
