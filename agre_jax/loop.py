@@ -4,7 +4,9 @@ The loop owns what makes a run reproducible and robust: orbax checkpoints of the
 (train state and best-so-far) every `checkpoint_every` steps and at every epoch end, resume
 from the latest one at the exact step (the data of epoch e depends on (seed, e) alone), a
 finite-loss check before anything is saved, progress bars, a one-line summary per epoch, and
-metrics to `metrics.jsonl` and TensorBoard event files.
+metrics to `metrics.jsonl` and TensorBoard event files. A resume is invisible in those: what
+an interrupted attempt logged after its last checkpoint is dropped, and the resumed epoch's
+means are rebuilt from its logged steps, so the records equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -22,25 +24,89 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from agre_jax import workdir
+
 
 class NonFiniteLossError(RuntimeError):
     """A stage produced a non-finite loss; the last good checkpoint is kept."""
 
 
-class MetricsWriter:
-    """Appends records to `<dir>/metrics.jsonl` and scalars to TensorBoard event files."""
+METRICS_FILE = "metrics.jsonl"
+# Per-record bookkeeping in `metrics.jsonl`, never step metrics: 'steps' (how many steps a
+# 'train' record averages) and 'seconds' (of a 'train' record: seconds into its epoch; of an
+# 'epoch' record: the epoch's seconds, including those before an interruption up to the
+# checkpoint it resumed from).
+_RESERVED = frozenset({"step", "kind", "time", "steps", "seconds", "epoch"})
 
-    def __init__(self, directory: Path, tensorboard: bool = True):
+
+def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The (line, record) pairs of a metrics.jsonl, without lines cut by a crash or that are not
+    records, and with the last record of each (kind, step) only (files written before resumes
+    truncated them could hold a step twice)."""
+    if not path.exists():
+        return []
+    parsed = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record:
+            parsed.append((line, record))
+    last = {(r["kind"], r["step"]): i for i, (_, r) in enumerate(parsed)}
+    return [(line, r) for i, (line, r) in enumerate(parsed) if last[(r["kind"], r["step"])] == i]
+
+
+class MetricsWriter:
+    """Writes records to `<dir>/metrics.jsonl` and scalars to TensorBoard event files.
+
+    `resume_step` is the step of the checkpoint a run resumes from (0: none, a fresh start).
+    What was logged after it belongs to an interrupted attempt and is redone: the file is first
+    rewritten (atomically) with the records up to it only, and TensorBoard is told to hide the
+    points after it (`purge_step`). None appends to what is there. `records` holds the records
+    kept.
+    """
+
+    def __init__(self, directory: Path, tensorboard: bool = True, resume_step: int | None = None):
         directory.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(directory / "metrics.jsonl", "a")  # noqa: SIM115
+        path = directory / METRICS_FILE
+        old = path.read_text() if path.exists() else ""
+        last = math.inf if resume_step is None else resume_step
+        kept = [(line, r) for line, r in read_records(path) if r["step"] <= last]
+        self.records = [r for _, r in kept]
+        text = "".join(line + "\n" for line, _ in kept)
+        if text != old:
+            workdir.atomic_write_text(path, text)
+        self._jsonl = open(path, "a")  # noqa: SIM115
         self._tb = None
         if tensorboard:
             import tensorboardX
 
-            self._tb = tensorboardX.SummaryWriter(str(directory / "tensorboard"))
+            # tensorboardX names event files by the second and host, and opens them with 'wb':
+            # the suffix keeps an attempt from truncating the file of an earlier one started in
+            # the same second (and sorts attempts in order of their resume step).
+            self._tb = tensorboardX.SummaryWriter(
+                str(directory / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1,
+                filename_suffix=f".from{resume_step or 0:010d}",
+            )
 
-    def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
-        record = {"step": int(step), "kind": kind, "time": time.time(), **_plain(values)}
+    def write(
+        self,
+        step: int,
+        kind: str,
+        values: Mapping[str, Any],
+        bookkeeping: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Appends a record {step, kind, time, **bookkeeping, **values}; `values` (not the
+        bookkeeping) also go to TensorBoard as `kind/key`."""
+        record = {
+            "step": int(step),
+            "kind": kind,
+            "time": time.time(),
+            **_plain(bookkeeping or {}),
+            **_plain(values),
+        }
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -70,6 +136,25 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
+class _EpochSoFar:
+    """What an epoch accumulated before its current attempt (zero when it starts afresh)."""
+
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, means: Mapping[str, float], steps: int) -> None:
+        # The one place where step means are summed, live and when rebuilt from metrics.jsonl:
+        # same order, same arithmetic, so a resumed epoch's means are the same floats.
+        for k, v in means.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * steps
+        self.count += steps
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+@dataclasses.dataclass
 class Loop:
     """One resumable training stage.
 
@@ -79,6 +164,7 @@ class Loop:
       epochs, steps_per_epoch: the schedule.
       batches: (epoch, start_step) -> iterator over that epoch's batches from start_step on.
       step: (carry, batch, global_step) -> (carry, metrics with a scalar 'loss'; device values).
+        Metric names must not be one of 'step', 'kind', 'time', 'steps', 'seconds', 'epoch'.
       evaluate: (carry, epoch) -> (carry, summary dict of Python values) at evaluation epochs;
         it may update a best-so-far inside the carry.
       eval_every: evaluate every this many epochs (and always after the last one).
@@ -86,6 +172,19 @@ class Loop:
       log_every: average step metrics over this many steps per record.
       summary: (epoch, train means, eval summary) -> one-line string.
       save_view, load_view: carry -> what is checkpointed, and back.
+
+    After `run`, `seconds` is the stage's training wall time: the sum of the 'seconds' of all
+    its 'epoch' records, those written before an interruption included (the time an
+    interrupted attempt spent after its last checkpoint is lost work and not counted).
+
+    metrics.jsonl records (one JSON object a line, each with 'step', 'kind' and 'time'):
+      'train': the means of the step metrics over the `steps` steps up to `step`, and
+        `seconds` into the epoch;
+      'eval': `epoch` (1-based) and the evaluation summary;
+      'epoch': `epoch`, `seconds` and the means of the step metrics over the epoch.
+    A resumed stage writes the same records as an uninterrupted one, 'time' and 'seconds'
+    aside: the records after its checkpoint are dropped and the epoch in progress is rebuilt
+    from its 'train' records.
     """
 
     name: str
@@ -103,20 +202,27 @@ class Loop:
     # How the carry is checkpointed, e.g. without the device axis of a pmap-replicated state.
     save_view: Callable[[Any], Any] = lambda carry: carry
     load_view: Callable[[Any], Any] = lambda saved: saved
+    # Set by `run`: the stage's training wall time in seconds (see above).
+    seconds: float = dataclasses.field(default=0.0, init=False)
+    # The step of the last checkpoint saved or restored (0: none yet).
+    _saved: int = dataclasses.field(default=0, init=False, repr=False)
 
     def _manager(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=2, create=True, enable_async_checkpointing=False
         )
-        return ocp.CheckpointManager((self.directory / "checkpoints").absolute(), options=options)
+        return ocp.CheckpointManager(self._checkpoints().absolute(), options=options)
+
+    def _checkpoints(self) -> Path:
+        return self.directory / "checkpoints"
 
     def run(self, carry: Any) -> Any:
-        """Runs (or resumes) the stage and returns the final carry."""
+        """Runs (or resumes) the stage and returns the final carry; sets `self.seconds`."""
         total = self.epochs * self.steps_per_epoch
         if total < 1:
             raise ValueError(f"{self.name}: no training steps (epochs x steps_per_epoch = 0)")
         manager = self._manager()
-        writer = MetricsWriter(self.directory)
+        writer = None
         try:
             step = manager.latest_step() or 0
             if step:
@@ -124,18 +230,47 @@ class Loop:
                 saved = manager.restore(step, args=ocp.args.StandardRestore(abstract))
                 carry = self.load_view(saved)
                 print(f"[{self.name}] resuming from the checkpoint at step {step}/{total}")
+            self._saved = step
+            # Only once the checkpoint is restored: the records after it are dropped.
+            writer = MetricsWriter(self.directory, resume_step=step)
+            self.seconds = sum(
+                float(r.get("seconds", 0.0)) for r in writer.records if r["kind"] == "epoch"
+            )
             while step < total:
                 epoch, start = divmod(step, self.steps_per_epoch)
-                carry, step = self._epoch(carry, epoch, start, step, manager, writer)
+                so_far = self._so_far(writer.records, epoch, step) if start else _EpochSoFar()
+                carry, step = self._epoch(carry, epoch, start, step, so_far, manager, writer)
             return carry
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
             manager.close()
 
-    def _epoch(self, carry, epoch, start, step, manager, writer):
+    def _so_far(self, records, epoch: int, step: int) -> _EpochSoFar:
+        """The partial sums of `epoch` up to the checkpoint at `step`, from its 'train'
+        records (in the order they were accumulated)."""
+        first = epoch * self.steps_per_epoch
+        so_far = _EpochSoFar()
+        previous = first
+        for r in records:
+            if r["kind"] != "train" or not first < r["step"] <= step:
+                continue
+            # Records written before 'steps' was logged: a record covers the steps since the
+            # previous one.
+            steps = int(r.get("steps", r["step"] - previous))
+            so_far.add({k: v for k, v in r.items() if k not in _RESERVED}, steps)
+            so_far.seconds = float(r.get("seconds", so_far.seconds))
+            previous = r["step"]
+        if so_far.count != step - first:
+            print(
+                f"[{self.name}] warning: {self.directory / METRICS_FILE} logs {so_far.count} of "
+                f"the {step - first} steps of epoch {epoch + 1} before the checkpoint at step "
+                f"{step}; that epoch's means cover the steps logged only"
+            )
+        return so_far
+
+    def _epoch(self, carry, epoch, start, step, so_far, manager, writer):
         pending: list[tuple[int, Mapping[str, jax.Array]]] = []
-        epoch_sums: dict[str, float] = {}
-        epoch_count = 0
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=start,
@@ -144,7 +279,7 @@ class Loop:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        t0 = time.time()
+        t0 = time.time() - so_far.seconds
         for batch in self.batches(epoch, start):
             carry, metrics = self.step(carry, batch, step)
             step += 1
@@ -152,16 +287,15 @@ class Loop:
             bar.update(1)
             epoch_end = step % self.steps_per_epoch == 0
             if len(pending) >= self.log_every or epoch_end or step % self.checkpoint_every == 0:
-                means = self._flush(pending, writer)
+                means = self._flush(pending, writer, time.time() - t0)
                 bar.set_postfix(loss=f"{means['loss']:.4g}")
-                for k, v in means.items():
-                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v * len(pending)
-                epoch_count += len(pending)
+                so_far.add(means, len(pending))
                 pending = []
             if epoch_end:
                 break
             if step % self.checkpoint_every == 0:
                 manager.save(step, args=ocp.args.StandardSave(self.save_view(carry)))
+                self._saved = step
         bar.close()
         if step % self.steps_per_epoch:
             raise RuntimeError(f"{self.name}: epoch {epoch} ended early at step {step}")
@@ -170,18 +304,23 @@ class Loop:
         if (epoch + 1) % self.eval_every == 0 or last:
             carry, summary = self.evaluate(carry, epoch)
             writer.write(step, "eval", {"epoch": epoch + 1, **summary})
+        means = so_far.means()
+        seconds = time.time() - t0
+        # Written before the checkpoint that ends the epoch: every record up to a checkpoint's
+        # step is in metrics.jsonl once that checkpoint exists.
+        writer.write(step, "epoch", {"epoch": epoch + 1, "seconds": seconds, **means})
         manager.save(step, args=ocp.args.StandardSave(self.save_view(carry)), force=True)
-        means = {k: v / max(epoch_count, 1) for k, v in epoch_sums.items()}
-        writer.write(step, "epoch", {"epoch": epoch + 1, "seconds": time.time() - t0, **means})
+        self._saved = step
+        self.seconds += seconds
         line = (
             self.summary(epoch, means, summary)
             if self.summary
             else f"loss {means.get('loss', float('nan')):.4f}"
         )
-        print(f"[{self.name}] epoch {epoch + 1}/{self.epochs} ({time.time() - t0:.0f} s): {line}")
+        print(f"[{self.name}] epoch {epoch + 1}/{self.epochs} ({seconds:.0f} s): {line}")
         return carry, step
 
-    def _flush(self, pending, writer) -> dict[str, float]:
+    def _flush(self, pending, writer, seconds: float) -> dict[str, float]:
         """Fetches pending step metrics, stops on a non-finite loss, logs their mean."""
         values = jax.device_get([m for _, m in pending])
         for (step, _), m in zip(pending, values, strict=True):
@@ -189,10 +328,28 @@ class Loop:
             if not np.all(np.isfinite(loss)):
                 raise NonFiniteLossError(
                     f"stage '{self.name}': non-finite loss ({loss.tolist()}) at step {step}; "
-                    "stopped before saving it. The last good checkpoint is kept in "
-                    f"{self.directory / 'checkpoints'}. Lower the learning rate, or check the "
-                    "inputs and teachers."
+                    f"stopped before saving it. {self._last_good()} Lower the learning rate, "
+                    "or check the inputs and teachers."
                 )
+        reserved = sorted(_RESERVED.intersection(values[0]))
+        if reserved:
+            raise ValueError(
+                f"stage '{self.name}': step metric names {reserved} are reserved for the "
+                "records of metrics.jsonl; rename them"
+            )
         means = {k: float(np.mean([np.mean(v[k]) for v in values])) for k in values[0]}
-        writer.write(pending[-1][0], "train", means)
+        writer.write(pending[-1][0], "train", means, {"steps": len(pending), "seconds": seconds})
         return means
+
+    def _last_good(self) -> str:
+        total = self.epochs * self.steps_per_epoch
+        if self._saved:
+            return (
+                f"The last good checkpoint is the one at step {self._saved}/{total}, kept in "
+                f"{self._checkpoints() / str(self._saved)}; a rerun resumes from it."
+            )
+        first = min(self.checkpoint_every, self.steps_per_epoch)
+        return (
+            f"No checkpoint has been saved yet (the first is due at step {first}/{total}); a "
+            "rerun starts the stage over."
+        )
