@@ -1,18 +1,27 @@
 """Workdir bookkeeping: the recorded config, stage directories keyed by their settings, done
-markers and atomic writes. Nothing here deletes results except `--overwrite`."""
+markers, atomic writes, a check that the workdir can be written and a lock against two runs in
+one workdir. Nothing here deletes results except `--overwrite`."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from agre_jax import errors
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done.json"
@@ -20,9 +29,11 @@ DONE_FILE = "done.json"
 _COSMETIC = ("progress",)
 # What `--overwrite` removes: the run's own outputs (stages keyed by settings stay valid).
 RUN_OUTPUTS = ("distill", "results.json", "results.md")
+# Held (flock) by the run using a workdir; it records who holds it.
+LOCK_FILE = ".lock"
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(errors.WorkdirError):
     """The workdir was made with another config."""
 
 
@@ -118,3 +129,93 @@ def read_done(directory: Path) -> dict[str, Any]:
 def mark_done(directory: Path, info: Mapping[str, Any]) -> None:
     """Marks a stage complete (written last, atomically: a stage without it is redone)."""
     write_json(directory / DONE_FILE, dict(info))
+
+
+def check_writable(directory: Path) -> None:
+    """Raises `errors.WorkdirError` unless `directory` is a directory that can be written or,
+    when it does not exist yet, its nearest existing ancestor is one (so that it can be made).
+
+    Writing is probed by creating and removing a temporary file (permission bits alone say
+    nothing to root, nor about read-only file systems). Nothing is created: a bad path leaves
+    nothing behind.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        what = "a file" if directory.is_file() else "not a directory"
+        raise errors.WorkdirError(
+            f"{directory} is {what}; expected a directory for the run's outputs"
+        )
+    if directory.is_symlink() and not directory.exists():
+        raise errors.WorkdirError(
+            f"{directory} is a broken symbolic link (to {os.readlink(directory)}); expected a "
+            "directory for the run's outputs"
+        )
+    target = directory
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        reason = f"{target} is {'a file' if target.is_file() else 'not a directory'}"
+        raise errors.WorkdirError(
+            f"cannot write to {directory} ({reason}); expected a writable directory"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=target)
+    except OSError as e:
+        reason = e.strerror or os.strerror(e.errno or errno.EIO)
+        if target != directory:
+            reason += f" in {target}"
+        raise errors.WorkdirError(
+            f"cannot write to {directory} ({reason}); expected a writable directory"
+        ) from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+@contextlib.contextmanager
+def lock(directory: Path) -> Iterator[None]:
+    """Holds `directory/.lock` (an exclusive flock; the directory is made if needed) while the
+    context runs, with the holder's pid, host, start time and command line written in it.
+
+    Raises `errors.WorkdirError` at once when another run holds it. The lock goes with the
+    process (flock is released when its descriptor closes, kill -9 included); the file stays.
+    Not re-entrant: a second `lock` of the same directory inside the first fails too.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise errors.WorkdirError(
+                f"{directory} is in use by another run ({_holder(path)}); wait for it to "
+                "finish or use another --workdir"
+            ) from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        try:
+            yield
+        finally:
+            # Cleared while still held: a stale holder is never named after this run.
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    """'pid P on HOST since TIME: COMMAND' from a lock file, as far as it can be read."""
+    try:
+        holder = json.loads(path.read_text())
+        return (
+            f"pid {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        # Taken a moment ago and not written yet, or not written by `lock`.
+        return "holder not recorded yet"

@@ -1,0 +1,94 @@
+"""Workdir checks: `check_writable` (bad paths leave nothing behind) and `lock` (one run per
+workdir, across processes, released when its holder dies)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agre_jax import errors, workdir
+
+# Holds the lock of argv[1] until killed; imports agre_jax.workdir only (fast).
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from agre_jax import workdir
+    with workdir.lock(Path(sys.argv[1])):
+        print("locked", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_check_writable_accepts_a_new_directory_and_creates_nothing(tmp_path):
+    target = tmp_path / "a" / "b"
+    workdir.check_writable(target)
+    workdir.check_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable_refuses_a_file(tmp_path):
+    path = tmp_path / "results"
+    path.write_text("x")
+    with pytest.raises(errors.WorkdirError, match=r"is a file; expected a directory"):
+        workdir.check_writable(path)
+    with pytest.raises(errors.WorkdirError, match=r"cannot write to .*results/run \(.* is a file"):
+        workdir.check_writable(path / "run")
+
+
+def test_check_writable_refuses_a_place_root_cannot_write(tmp_path):
+    # Root ignores permission bits; /proc and /sys refuse new files to everyone.
+    for place in (Path("/proc"), Path("/sys")):
+        path = place / "agre_jax_test" / "run"
+        with pytest.raises(errors.WorkdirError, match=r"cannot write to .*expected a writable"):
+            workdir.check_writable(path)
+        assert not path.parent.exists()
+
+
+def test_check_writable_refuses_a_broken_link(tmp_path):
+    (tmp_path / "run").symlink_to(tmp_path / "missing")
+    with pytest.raises(errors.WorkdirError, match="broken symbolic link"):
+        workdir.check_writable(tmp_path / "run")
+
+
+def test_lock_excludes_another_process_until_it_dies(tmp_path):
+    directory = tmp_path / "work"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        recorded = json.loads((directory / workdir.LOCK_FILE).read_text())
+        assert recorded["pid"] == holder.pid
+        with pytest.raises(errors.WorkdirError) as info:
+            with workdir.lock(directory):
+                pytest.fail("got a lock that another process holds")
+        message = str(info.value)
+        assert message.startswith(f"{directory} is in use by another run (pid {holder.pid} on ")
+        assert f"since {recorded['since']}: " in message
+        assert str(directory) in message.split(": ", 1)[1]  # the holder's command line
+        assert message.endswith("wait for it to finish or use another --workdir")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    # kill -9 releases it; the next holder records itself.
+    with workdir.lock(directory):
+        assert json.loads((directory / workdir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    with workdir.lock(directory):  # released when the context exits
+        pass
+
+
+def test_lock_is_not_reentrant(tmp_path):
+    with workdir.lock(tmp_path), pytest.raises(errors.WorkdirError, match="in use"):
+        with workdir.lock(tmp_path):
+            pass
