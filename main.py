@@ -4,13 +4,19 @@
     python main.py --config configs/multilayer_c.py:waterbirds --config.data.manual_dir=DIR
 
 Runs (or resumes) every stage of one configuration and writes results.json / results.md in
-the workdir. Bad input (config, data folder, checkpoints) exits with status 2 and a message.
-A sweep config (configs/sweeps/*.py, with a `sweep` field) runs every variant x seed instead
-and writes the aggregated report (agre_jax/sweep.py); a failed run there exits with 1.
+the workdir. A sweep config (configs/sweeps/*.py, with a `sweep` field) runs every variant x
+seed instead and writes the aggregated report (agre_jax/sweep_runner.py).
+
+Exit status: 0 done; 2 bad input (flags, config, data folder, checkpoints, workdir), with one
+message and before any training; 1 a failure during the run (a non-finite loss, a full disk,
+a failed sweep run), with one message saying what a rerun does. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 from absl import app, flags
@@ -25,30 +31,83 @@ flags.DEFINE_bool("overwrite", False, "Replace the results of a workdir made wit
 flags.mark_flags_as_required(["config"])
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+# OS errors that a full disk or an unwritable place gives while a run writes its results.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with this program's exit codes: 2 and one line for a bad flag, a
+    config file that does not load or an unknown config key; 0 for --help."""
+    try:
+        rest = FLAGS(argv)
+        _ = "seed" in FLAGS.config  # config_flags defers a config file's load error to its use
+        return rest
+    except SystemExit as e:  # absl's help flags exit 1 after printing the usage
+        if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+            raise SystemExit(0) from e
+        raise
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        print(f"error: {_flag_message(e)}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from e
+
+
+def _flag_message(e: BaseException) -> str:
+    """One paragraph from a flag-parsing error (config_flags wraps the config's own error)."""
+    text = str(e.args[0]) if isinstance(e, KeyError | AttributeError) and e.args else str(e)
+    text = text.replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip().strip("'\"") for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in text:  # a config file raised: keep its error
+        head = lines[0].split("Traceback")[0].strip()
+        text = f"{head} {lines[-1]}"
+    elif isinstance(e, OSError) and "Attempted" in text:
+        text = f"cannot load the config file: {' '.join(lines[-1:])}"
+    else:
+        text = " ".join(lines)
+    if isinstance(e, AttributeError | KeyError):
+        hint = f" ({lines[1]})" if len(lines) > 1 else ""
+        text = f"unknown config key {lines[0]!r}{hint}; every key is declared in configs/default.py"
+    return text
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        print(
+            f"error: unexpected arguments {argv[1:]}; flags look like --name=value", file=sys.stderr
+        )
+        return EXIT_BAD_INPUT
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     # Heavy imports after flag parsing so that --help is instant; TF hides GPUs on import.
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    from agre_jax import loop, sweep, train, workdir
-    from agre_jax.data import core
+    from agre_jax import errors, loop, sweep_runner, train
 
     config = FLAGS.config
     run_dir = FLAGS.workdir or f"runs/{_config_name()}"
     try:
         if "sweep" in config:
-            return sweep.run_sweep(config, run_dir, FLAGS.overwrite, _config_path())["exit_code"]
+            return sweep_runner.run_sweep(config, run_dir, FLAGS.overwrite, _config_path())[
+                "exit_code"
+            ]
         train.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
-    except (train.ConfigError, core.DataError, workdir.ConfigMismatchError, sweep.SweepError) as e:
+    except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except loop.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        where = e.filename or run_dir
+        print(
+            f"error: cannot write {where} ({e.strerror}). Free space or fix the permissions, "
+            "then rerun the same command: it resumes from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return 0
 
 
@@ -57,12 +116,11 @@ def _config_path() -> str:
 
 
 def _config_name() -> str:
-    path = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") else ""
-    path = path or "run"
+    path = _config_path() or "run"
     return path.split("/")[-1].split(":")[0].removesuffix(".py") + (
         "_" + path.split(":")[1] if ":" in path else ""
     )
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

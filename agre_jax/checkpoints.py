@@ -11,6 +11,7 @@ into place at the end, so an interrupted or failed write never leaves a half-wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -146,3 +147,18 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         )
     variables = {name: jax.tree.map(np.asarray, dict(tree[name])) for name in COLLECTIONS}
     return variables, metadata
+
+
+def digest(variables: Mapping[str, Any]) -> str:
+    """A content digest of variables (sha256, 16 hex): every leaf's path, dtype, shape and
+    bytes. Stages key on it, never on the directory a checkpoint came from, so that a
+    re-converted or edited checkpoint at the same path is never mistaken for the old one."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_leaves_with_path(dict(variables)),
+        key=lambda kv: jax.tree_util.keystr(kv[0]),
+    ):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()[:16]

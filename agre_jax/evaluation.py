@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -97,23 +96,43 @@ def ensemble_predictions(logits: np.ndarray) -> dict[str, np.ndarray]:
     return {"avg_logits": avg, "majority": np.argmax(counts, axis=0)}
 
 
-def predict_fn(model: Any, variables: Any) -> Callable[[jax.Array], jax.Array]:
-    """A jitted images -> logits function of a model in inference mode."""
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    return lambda images: apply(variables, jnp.asarray(images))
+def evaluate(
+    fn: Callable[[jax.Array], jax.Array],
+    batches: Iterable[Mapping[str, Any]],
+    num_groups: int,
+    train_group_counts: Sequence[int],
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """`summarize` of the argmax predictions of `fn` over evaluation batches.
+
+    Args:
+      fn: images -> logits [B, C], or [M, B, C] for M stacked models.
+
+    Returns:
+      One summary, or a list of M summaries for stacked models.
+    """
+    out = collect(fn, batches)
+
+    def one(logits: np.ndarray) -> dict[str, Any]:
+        return summarize(
+            np.argmax(logits, -1), out["label"], out["group"], num_groups, train_group_counts
+        )
+
+    logits = out["output"]
+    return one(logits) if logits.ndim == 2 else [one(lg) for lg in logits]
 
 
 def format_table(
     rows: Mapping[str, Mapping[str, Any]], group_names: Sequence[str], title: str = ""
 ) -> str:
     """A Markdown table: one row per model with WGA, both averages, gap and group accuracies."""
-    head = ["model", "WGA", "avg (train-weighted)", "avg (plain)", "gap", "worst group"]
+    head = ["model", "n", "WGA", "avg (train-weighted)", "avg (plain)", "gap", "worst group"]
     head += [f"acc {g}" for g in group_names]
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         cells = [
             name,
+            str(r["n"]),
             _pct(r["wga"]),
             _pct(r["avg_acc_weighted"]),
             _pct(r["avg_acc"]),

@@ -1,6 +1,16 @@
-"""Optimisers and learning-rate schedules from config values (optax)."""
+"""Optimisers and learning-rate schedules from config blocks (optax).
+
+A config block (`config.teachers.optimizer`, `config.train.optimizer`) has the keys of
+`configs/default.py::_optimizer`: name, learning_rate, momentum, weight_decay, schedule,
+warmup_epochs. `check_config` lists what is wrong with one before any work;
+`from_config` builds the optax transformation once the number of steps is known.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import optax
 
@@ -14,7 +24,11 @@ def create_schedule(
     """Cosine decay to 0 over `total_steps` (or constant), after an optional linear warm-up."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    if learning_rate <= 0 or total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+    if (
+        not (math.isfinite(learning_rate) and learning_rate > 0)
+        or total_steps < 1
+        or not 0 <= warmup_steps <= total_steps
+    ):
         raise ValueError(
             f"need learning_rate > 0, total_steps >= 1 and 0 <= warmup_steps <= total_steps; got "
             f"{learning_rate}, {total_steps}, {warmup_steps}"
@@ -52,3 +66,58 @@ def create_optimizer(
     if name == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def check_config(block: Mapping[str, Any], key: str, epochs: int) -> list[str]:
+    """Problems of an optimizer config block (empty when it can run).
+
+    Args:
+      block: the block's values (name, learning_rate, momentum, weight_decay, schedule,
+        warmup_epochs).
+      key: its dotted config key, for messages (e.g. 'train.optimizer').
+      epochs: the stage's number of epochs (warm-up must fit in it).
+
+    Returns:
+      One message per problem, each naming `key.field`, the value and what is expected.
+    """
+
+    def number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    problems = []
+    if block["name"] not in OPTIMIZERS:
+        problems.append(f"{key}.name is {block['name']!r}; expected one of {OPTIMIZERS}")
+    if block["schedule"] not in SCHEDULES:
+        problems.append(f"{key}.schedule is {block['schedule']!r}; expected one of {SCHEDULES}")
+    lr = block["learning_rate"]
+    if not (number(lr) and lr > 0):
+        problems.append(f"{key}.learning_rate is {lr!r}; expected a finite number > 0")
+    momentum = block["momentum"]
+    if not (number(momentum) and 0 <= momentum < 1):
+        problems.append(f"{key}.momentum is {momentum!r}; expected a number in [0, 1)")
+    wd = block["weight_decay"]
+    if not (number(wd) and wd >= 0):
+        problems.append(f"{key}.weight_decay is {wd!r}; expected a finite number >= 0")
+    warmup = block["warmup_epochs"]
+    if not (number(warmup) and 0 <= warmup <= epochs):
+        problems.append(f"{key}.warmup_epochs is {warmup!r}; expected a number in [0, {epochs}]")
+    return problems
+
+
+def from_config(
+    block: Mapping[str, Any], *, epochs: int, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The optimiser of a config block for a stage of `epochs` x `steps_per_epoch` steps.
+
+    Raises:
+      ValueError: the block or the step counts cannot make an optimiser (see check_config).
+    """
+    return create_optimizer(
+        block["name"],
+        block["learning_rate"],
+        epochs * steps_per_epoch,
+        momentum=block["momentum"],
+        weight_decay=block["weight_decay"],
+        schedule=block["schedule"],
+        warmup_steps=int(block["warmup_epochs"] * steps_per_epoch),
+    )

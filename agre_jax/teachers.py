@@ -1,5 +1,5 @@
-"""Teacher stages: ERM training of M same-architecture teachers in one compiled computation,
-ported teachers, and DFR last-layer retraining.
+"""Teacher training: ERM training of M same-architecture teachers in one compiled computation,
+and DFR last-layer retraining of each.
 
 ERM teachers differ by seed (initialisation and data order: teacher m uses seed + m). Their
 variables are stacked on a leading axis [M, ...] and one jitted step runs them all with
@@ -9,7 +9,7 @@ variables are stacked on a leading axis [M, ...] and one jitted step runs them a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agre_jax import checkpoints, dfr, evaluation, loop, models, optim, workdir
+from agre_jax import dfr, evaluation, loop, models, optim
 from agre_jax.data import pipeline
 
 
@@ -78,46 +78,37 @@ def stacked_logits_fn(model: models.ResNet, how: str) -> Callable[[Any, jax.Arra
     return jax.jit(fn)
 
 
-def evaluate_stacked(
-    logits_fn: Callable, stacked: Any, batches: Iterator, num_groups: int, train_counts
-) -> list[dict[str, Any]]:
-    """Per-member evaluation summaries of stacked models over evaluation batches."""
-    out = evaluation.collect(functools.partial(logits_fn, stacked), batches)
-    return [
-        evaluation.summarize(
-            np.argmax(lg, -1), out["label"], out["group"], num_groups, train_counts
-        )
-        for lg in out["output"]
-    ]
-
-
 def train_erm(
     *,
-    cfg,
+    cfg: Any,
     model: models.ResNet,
-    data: dict[str, Any],
+    data: Any,
     directory: Path,
-    seed: int,
-    init_variables: dict[str, Any] | None,
+    init: Callable[[dict[str, Any]], dict[str, Any]] | None,
     progress: bool,
 ) -> list[dict[str, Any]]:
     """Trains cfg.num ERM teachers together; returns each one's best-on-val-WGA variables.
 
+    Teacher m uses seed cfg.seed + m for its initialisation and data order.
+
     Args:
-      cfg: config.teachers.
-      data: {'train', 'validation'} SplitData, 'image_size', 'num_groups', 'train_counts',
-        'eval_batch_size', 'dtype'.
+      cfg: config.teachers (num, seed, epochs, batch_size, augment, optimizer, map).
+      data: a stages.Dataset.
       directory: the stage directory (checkpoints, metrics).
-      init_variables: ported backbone weights shared by all teachers (heads stay fresh), or None.
+      init: maps a teacher's fresh variables to its starting ones (init_from weights grafted
+        on, own head), or None.
+
+    Returns:
+      Per teacher {'params', 'batch_stats' (numpy), 'val_wga', 'epoch'}.
     """
-    m = cfg.num
-    spe = pipeline.steps_per_epoch(data["train"], cfg.batch_size)
-    tx = create_optimizer(cfg.optimizer, cfg.epochs * spe, spe)
+    m, seed = cfg.num, cfg.seed
+    spe = pipeline.steps_per_epoch(data.splits["train"], cfg.batch_size)
+    tx = optim.from_config(cfg.optimizer, epochs=cfg.epochs, steps_per_epoch=spe)
     members = []
     for t in range(m):
-        v = models.init(model, jax.random.key(seed + t), data["image_size"])
-        if init_variables is not None:
-            v = _graft_backbone(v, init_variables)
+        v = models.init(model, jax.random.key(seed + t), data.image_size)
+        if init is not None:
+            v = init(v)
         members.append(ModelState(v["params"], v["batch_stats"], tx.init(v["params"])))
     state = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
     carry = {
@@ -132,16 +123,13 @@ def train_erm(
 
     def batches(epoch: int, start: int):
         streams = [
-            pipeline.train_epoch(
-                data["train"],
+            data.train_batches(
                 batch_size=cfg.batch_size,
-                image_size=data["image_size"],
                 seed=seed + t,
                 epoch=epoch,
                 start_step=start,
                 augment=cfg.augment,
                 prefetch=0,
-                dtype=data["dtype"],
             )
             for t in range(m)
         ]
@@ -150,13 +138,7 @@ def train_erm(
 
     def evaluate(carry, epoch):
         variables = {"params": carry["state"].params, "batch_stats": carry["state"].batch_stats}
-        scores = evaluate_stacked(
-            logits_fn,
-            variables,
-            eval_batches(data, "validation"),
-            data["num_groups"],
-            data["train_counts"],
-        )
+        scores = data.evaluate(functools.partial(logits_fn, variables), "validation")
         wga = jnp.asarray([s["wga"] for s in scores])
         better = wga > carry["best_wga"]
 
@@ -205,119 +187,27 @@ def train_erm(
     ]
 
 
-def eval_batches(data: dict[str, Any], split: str) -> Iterator:
-    """Evaluation batches of a split of `data` (every example once, with a mask)."""
-    return pipeline.eval_batches(
-        data[split],
-        batch_size=data["eval_batch_size"],
-        image_size=data["image_size"],
-        dtype=data["dtype"],
-        prefetch=0,
-    )
-
-
-def create_optimizer(
-    opt_cfg, total_steps: int, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """The optax optimiser of a config.*.optimizer block."""
-    return optim.create_optimizer(
-        opt_cfg.name,
-        opt_cfg.learning_rate,
-        total_steps,
-        momentum=opt_cfg.momentum,
-        weight_decay=opt_cfg.weight_decay,
-        schedule=opt_cfg.schedule,
-        warmup_steps=int(opt_cfg.warmup_epochs * steps_per_epoch),
-    )
-
-
-def _graft_backbone(fresh: dict[str, Any], ported: dict[str, Any]) -> dict[str, Any]:
-    """Ported weights for everything but the head (`fc`), whose size may differ."""
-    params = dict(ported["params"])
-    params["fc"] = fresh["params"]["fc"]
-    return {"params": params, "batch_stats": ported["batch_stats"]}
-
-
-def load_ported(
-    paths: Sequence[str], num_classes: int
-) -> tuple[models.ResNet, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Ported teachers (directories of `python -m convert`), one architecture for all.
-
-    Returns:
-      (model, variables per teacher, provenance per teacher).
-    """
-    variables, infos = [], []
-    for path in paths:
-        v, info = checkpoints.load_variables(path)
-        if info.get("num_classes") != num_classes:
-            raise ValueError(
-                f"teacher checkpoint {path} has {info.get('num_classes')} classes but the "
-                f"dataset has {num_classes}"
-            )
-        variables.append(v)
-        infos.append(info)
-    archs = {(i["arch"], json_key(i.get("model_options", {}))) for i in infos}
-    if len(archs) != 1:
-        raise ValueError(
-            f"ported teachers must share one architecture to be stacked; got {sorted(archs)}"
-        )
-    model = model_from_provenance(infos[0])
-    check_variables(model, variables[0], paths[0], 32)
-    return model, variables, infos
-
-
-def json_key(options: dict) -> str:
-    return workdir.key_of(options)
-
-
-def model_from_provenance(info: dict[str, Any]) -> models.ResNet:
-    options = dict(info.get("model_options", {}))
-    options.pop("num_classes", None)
-    return models.create(info["arch"], info["num_classes"], **options)
-
-
-def check_variables(model: models.ResNet, variables: dict, source: str, image_size: int) -> None:
-    """Raises a clear error when `variables` do not fit `model` (keys or shapes)."""
-    expected = jax.eval_shape(
-        functools.partial(model.init, train=False),
-        jax.random.key(0),
-        jnp.zeros((1, image_size, image_size, 3)),
-    )
-    want = {
-        jax.tree_util.keystr(k): v.shape
-        for k, v in jax.tree_util.tree_leaves_with_path(
-            {"params": expected["params"], "batch_stats": expected["batch_stats"]}
-        )
-    }
-    got = {
-        jax.tree_util.keystr(k): np.shape(v)
-        for k, v in jax.tree_util.tree_leaves_with_path(
-            {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        )
-    }
-    missing = sorted(set(want) - set(got))
-    unexpected = sorted(set(got) - set(want))
-    shapes = sorted(k for k in set(want) & set(got) if tuple(want[k]) != tuple(got[k]))
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"the weights in {source} do not fit the configured model "
-            f"({model.block_cls.__name__}, width "
-            f"{model.width}, {model.num_classes} classes): missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, shape mismatches {[(k, got[k], want[k]) for k in shapes[:5]]}"
-        )
-
-
 def fit_dfr_heads(
     *,
-    cfg,
+    cfg: dfr.DFRConfig,
     model: models.ResNet,
     teacher_variables: Sequence[dict[str, Any]],
-    data: dict[str, Any],
-    seed: int,
+    data: Any,
     how: str,
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, Any]]]:
     """DFR heads for every ERM teacher: pooled validation features (no augmentation), a
-    group-stratified half to train on, the other half to select the L1 strength."""
+    group-stratified half (seeded by cfg.seed) to train on, the other half to select the L1
+    strength.
+
+    Args:
+      cfg: DFR settings.
+      teacher_variables: M ERM variables of `model`.
+      data: a stages.Dataset.
+      how: how stacked teachers run (models.map_stacked).
+
+    Returns:
+      (M heads {'kernel': [D, C], 'bias': [C]}, M selection records).
+    """
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *teacher_variables)
 
     def pooled(v, images):
@@ -326,18 +216,9 @@ def fit_dfr_heads(
     pooled_fn = jax.jit(
         lambda s, x: models.map_stacked(functools.partial(pooled, images=x), s, how)
     )
-    out = evaluation.collect(
-        functools.partial(pooled_fn, stacked), eval_batches(data, "validation")
-    )
+    out = evaluation.collect(functools.partial(pooled_fn, stacked), data.eval_batches("validation"))
     feats, labels, groups = out["output"], out["label"], out["group"]
-    train_idx, select_idx = pipeline.split_halves(groups, seed)
-    dfr_cfg = dfr.DFRConfig(
-        c_grid=tuple(cfg.c_grid),
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        seed=seed,
-    )
+    train_idx, select_idx = pipeline.split_halves(groups, cfg.seed)
     heads, infos = [], []
     for f in feats:
         head, info = dfr.fit(
@@ -348,8 +229,8 @@ def fit_dfr_heads(
             labels[select_idx],
             groups[select_idx],
             num_classes=model.num_classes,
-            num_groups=data["num_groups"],
-            cfg=dfr_cfg,
+            num_groups=data.num_groups,
+            cfg=cfg,
         )
         heads.append(head)
         infos.append(info)

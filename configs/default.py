@@ -47,6 +47,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.manual_dir = ""  # folder of a manually downloaded dataset (Waterbirds, CelebA)
     c.data.builder = ml_collections.ConfigDict()  # builder config knobs (spurious_shapes)
     c.data.image_size = 224  # model input side
+    # Evaluation (and un-augmented training) transform: 'resize_crop' resizes the shorter side
+    # to image_size * 256 / 224 and centre-crops (torchvision's ImageNet recipe);
+    # 'square_resize_crop' resizes to a square first (the DFR / group_DRO code that trains
+    # the teachers users port), the Waterbirds and CelebA presets' choice.
+    c.data.eval_transform = "resize_crop"
     c.data.eval_batch_size = 256
 
     c.teachers = ml_collections.ConfigDict()
@@ -108,8 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if dataset == "waterbirds":
         c.data.name = "waterbirds"
+        c.data.eval_transform = "square_resize_crop"
     elif dataset == "celeba":
         c.data.name = "celeba_groups"
+        c.data.eval_transform = "square_resize_crop"
         c.teachers.batch_size = 100
         c.train.batch_size = 100
     else:

@@ -1,0 +1,241 @@
+"""A run's config, checked and turned into the static objects the stages use.
+
+`validate(config)` needs neither data nor disk: it builds the DistillConfig, the DFR settings,
+both optimisers, the models and adapters and the device layout, and raises one
+`errors.ConfigError` listing every problem (key, value, what is expected). `check_splits`
+does the same against the loaded dataset's split sizes, before any training.
+
+The dataclasses of the math layer (`distill.DistillConfig`, `dfr.DFRConfig`) are built from
+their config blocks by field name, so that `configs/default.py` declares every default once
+(tests/test_settings.py checks that the dataclasses' defaults agree with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from agre_jax import dfr, distill, models, optim
+from agre_jax.errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PMAP_MODES = ("auto", "always", "never")
+# Every key that must be an integer >= 1, with what it counts.
+POSITIVE_INTS = (
+    "teachers.epochs",
+    "teachers.batch_size",
+    "train.epochs",
+    "train.batch_size",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.log_every",
+    "data.eval_batch_size",
+    "data.image_size",
+    "dfr.steps",
+    "dfr.batch_size",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the student's step is spread over devices.
+
+    Attributes:
+      devices: local devices used (1 without pmap).
+      pmap: whether the step runs under pmap.
+      per_device_batch: train.batch_size / devices.
+    """
+
+    devices: int
+    pmap: bool
+    per_device_batch: int
+
+
+def dtype(name: str) -> Any:
+    """The compute dtype of a config's `dtype` name; raises ConfigError."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype is {name!r}; expected one of {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _from_block(cls: type, block: Mapping[str, Any], **fixed: Any) -> Any:
+    """`cls(**fields)` with each dataclass field read from the config block of the same name,
+    except those given in `fixed`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {n: block[n] for n in names if n not in fixed and n in block}
+    try:
+        return cls(**values, **fixed)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def distill_config(config: ml_collections.ConfigDict) -> distill.DistillConfig:
+    """config.distill (and teachers.map) as the step's validated static config."""
+    d = config.distill
+    gammas = tuple((k, float(v)) for k, v in sorted(d.gammas.items()) if float(v) != 0.0)
+    return _from_block(distill.DistillConfig, d, gammas=gammas, teacher_map=config.teachers.map)
+
+
+def dfr_config(config: ml_collections.ConfigDict) -> dfr.DFRConfig:
+    """config.dfr as DFR's settings; DFR's halves are seeded by teachers.seed."""
+    try:
+        c_grid = tuple(float(c) for c in config.dfr.c_grid)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"dfr.c_grid is {config.dfr.c_grid!r}; expected a tuple of numbers > 0"
+        ) from e
+    return _from_block(dfr.DFRConfig, config.dfr, c_grid=c_grid, seed=config.teachers.seed)
+
+
+def layout(config: ml_collections.ConfigDict, devices: int | None = None) -> Layout:
+    """The student step's device layout; raises ConfigError when the batch does not split."""
+    mode = config.train.pmap
+    if mode not in PMAP_MODES:
+        raise ConfigError(f"train.pmap is {mode!r}; expected one of {PMAP_MODES}")
+    n = jax.local_device_count() if devices is None else devices
+    use_pmap = mode == "always" or (mode == "auto" and n > 1)
+    n = n if use_pmap else 1
+    batch = config.train.batch_size
+    if batch % n:
+        raise ConfigError(
+            f"train.batch_size is {batch}, which does not divide over the {n} devices of "
+            "train.pmap; use a multiple of the device count, or train.pmap='never'"
+        )
+    return Layout(devices=n, pmap=use_pmap, per_device_batch=batch // n)
+
+
+def model(block: ml_collections.ConfigDict, num_classes: int, compute_dtype: Any) -> Any:
+    """The ResNet of a config block (config.teachers / config.student)."""
+    return models.create(
+        block.arch,
+        num_classes,
+        width=block.width,
+        small_input=block.small_input,
+        dtype=compute_dtype,
+    )
+
+
+def num_teachers(config: ml_collections.ConfigDict) -> int:
+    """M: the ported checkpoints' count, else teachers.num."""
+    t = config.teachers
+    return len(t.checkpoints) if t.checkpoints else t.num
+
+
+def debiased_count(config: ml_collections.ConfigDict) -> int:
+    """How many of the M teachers use their DFR head."""
+    m = num_teachers(config)
+    return m if config.teachers.debiased < 0 else config.teachers.debiased
+
+
+def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
+    problems = []
+    for key in POSITIVE_INTS:
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key} is {value!r}; expected an integer >= 1")
+    t = config.teachers
+    m = num_teachers(config)
+    if m < 1:
+        problems.append(f"teachers.num is {m}; expected >= 1 (or teachers.checkpoints)")
+    if not -1 <= t.debiased <= m:
+        problems.append(f"teachers.debiased is {t.debiased}; expected -1 (all) or 0..{m}")
+    if not config.biased.checkpoint and not 0 <= config.biased.index < m:
+        problems.append(f"biased.index is {config.biased.index}; expected 0..{m - 1}")
+    for key in ("teachers.arch", "student.arch"):
+        if _get(config, key) not in models.ARCHS:
+            problems.append(f"{key} is {_get(config, key)!r}; expected one of {models.ARCHS}")
+    for key in ("teachers.width", "student.width"):
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{key} is {value!r}; expected an integer >= 1")
+    if t.map not in distill.TEACHER_MAPS:
+        problems.append(f"teachers.map is {t.map!r}; expected one of {distill.TEACHER_MAPS}")
+    lr = config.dfr.learning_rate
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        problems.append(f"dfr.learning_rate is {lr!r}; expected a finite number > 0")
+    for key, epochs in (("teachers.optimizer", t.epochs), ("train.optimizer", config.train.epochs)):
+        problems += optim.check_config(_get(config, key), key, epochs if epochs >= 1 else 0)
+    return problems
+
+
+def validate(config: ml_collections.ConfigDict) -> Layout:
+    """Checks everything that needs neither data nor disk and builds the static objects.
+
+    Returns:
+      The device layout of the student's step.
+
+    Raises:
+      ConfigError: one message listing every problem found, each naming the key, its value
+        and what is expected.
+    """
+    problems = _scalar_problems(config)
+    built = []
+    for build in (
+        lambda: dtype(config.dtype),
+        lambda: distill_config(config),
+        lambda: dfr_config(config),
+        lambda: layout(config),
+    ):
+        try:
+            built.append(build())
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    compute_dtype, dcfg, _, run_layout = built
+    # The models and adapters, with a placeholder class count (checked against the data later).
+    teacher = model(config.teachers, 2, compute_dtype)
+    student = model(config.student, 2, compute_dtype)
+    if not config.teachers.checkpoints:  # ported teachers are checked once their files are read
+        check_models(student, teacher, dcfg)
+    return run_layout
+
+
+def check_models(student: Any, teacher: Any, dcfg: distill.DistillConfig) -> None:
+    """The student, adapters and teachers fit together for the configured feature layers."""
+    ensemble = distill.Ensemble(teachers=(teacher,), group_sizes=(1,), biased_backbone=(0, 0))
+    try:
+        distill.create_models(student.clone(num_classes=teacher.num_classes), ensemble, dcfg)
+    except ValueError as e:
+        raise ConfigError(f"student and teachers do not fit together: {e}") from e
+
+
+def check_splits(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> None:
+    """The dataset's split sizes against the batch sizes; raises ConfigError.
+
+    Args:
+      sizes: examples per split ('train', 'validation', 'test').
+    """
+    problems = []
+    name = config.data.name
+    for key in ("train.batch_size", "teachers.batch_size"):
+        if key == "teachers.batch_size" and config.teachers.checkpoints:
+            continue
+        batch = _get(config, key)
+        if sizes["train"] < batch:
+            problems.append(
+                f"{key} is {batch} but the training split of {name} has {sizes['train']} "
+                "examples; expected a batch no larger than the split"
+            )
+    if sizes["validation"] < 2:
+        problems.append(
+            f"the validation split of {name} has {sizes['validation']} examples; DFR and model "
+            "selection need at least 2"
+        )
+    if sizes["test"] < 1:
+        problems.append(f"the test split of {name} is empty")
+    if problems:
+        raise ConfigError("the dataset does not fit the config: " + "; ".join(problems))

@@ -1,0 +1,817 @@
+"""The stages of one run, each with typed inputs and a small dataclass out.
+
+    load_data(config)                          -> Dataset
+    teachers_stage(config, data, stage_dir)    -> Teachers     (ported, or ERM-trained once)
+    dfr_stage(config, data, teachers, ...)     -> DFRHeads     (computed once per inputs)
+    build_ensemble(config, data, teachers, ..) -> Ensemble     (DFR/ERM teachers, biased model)
+    distill_stage(config, data, ensemble, ...) -> Student      (resumable, in the workdir)
+    evaluate_stage(data, teachers, heads, ...) -> rows of the report
+
+Every cached stage lives in a directory named by a key of its settings and of its inputs'
+CONTENT: the prepared data's fingerprint, the digest of every ported checkpoint's variables,
+the upstream stages' keys; never a path. A stage records its wall time when it is computed,
+and a reused stage reports that recorded time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from agre_jax import checkpoints, distill, evaluation, loop, models, optim, settings, teachers
+from agre_jax import workdir as wd
+from agre_jax.data import pipeline
+from agre_jax.errors import CheckpointError, ConfigError, WorkdirError
+
+INPUTS_FILE = "inputs.json"  # in the distill directory: the key of what it was distilled from
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """How a stage's result was obtained: its wall time when computed (seconds), whether this
+    run reused it, and where it lives."""
+
+    seconds: float
+    reused: bool
+    directory: str = ""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A prepared dataset in memory, with what every stage needs to read it.
+
+    Attributes:
+      name: the builder's full name (name/config/version).
+      splits: {'train', 'validation', 'test'} -> SplitData.
+      num_classes, num_groups: C and G.
+      group_names: [G] names.
+      train_counts: [G] training examples per group (the DFR-convention average's weights).
+      image_size: model input side (px).
+      eval_batch_size: evaluation batch.
+      eval_transform: one of pipeline.EVAL_TRANSFORMS.
+      dtype: compute dtype of the images.
+      fingerprint: content digest of the prepared data (pipeline.fingerprint).
+    """
+
+    name: str
+    splits: Mapping[str, pipeline.SplitData]
+    num_classes: int
+    num_groups: int
+    group_names: tuple[str, ...]
+    train_counts: tuple[int, ...]
+    image_size: int
+    eval_batch_size: int
+    eval_transform: str
+    dtype: Any
+    fingerprint: str
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """What a stage computed on this data depends on."""
+        return {
+            "fingerprint": self.fingerprint,
+            "image_size": self.image_size,
+            "eval_transform": self.eval_transform,
+        }
+
+    def train_batches(
+        self,
+        *,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        start_step: int,
+        augment: bool,
+        num_devices: int | None = None,
+        prefetch: int = 2,
+    ) -> Iterator[dict[str, Any]]:
+        """The batches of training epoch `epoch` from `start_step` on (pipeline.train_epoch)."""
+        return pipeline.train_epoch(
+            self.splits["train"],
+            batch_size=batch_size,
+            image_size=self.image_size,
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            num_devices=num_devices,
+            augment=augment,
+            prefetch=prefetch,
+            dtype=self.dtype,
+            eval_transform=self.eval_transform,
+        )
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, Any]]:
+        """Every example of `split` once, with a mask (pipeline.eval_batches)."""
+        return pipeline.eval_batches(
+            self.splits[split],
+            batch_size=self.eval_batch_size,
+            image_size=self.image_size,
+            dtype=self.dtype,
+            prefetch=0,
+            eval_transform=self.eval_transform,
+        )
+
+    def evaluate(self, logits_fn: Any, split: str) -> Any:
+        """Group metrics of `logits_fn` (images -> [B, C] or [M, B, C]) on `split`."""
+        return evaluation.evaluate(
+            logits_fn, self.eval_batches(split), self.num_groups, self.train_counts
+        )
+
+    def summarize(self, predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict:
+        return evaluation.summarize(predictions, labels, groups, self.num_groups, self.train_counts)
+
+
+def load_data(config: ml_collections.ConfigDict) -> Dataset:
+    """Prepares the dataset (TFDS) and loads its splits into memory; checks the split sizes
+    against the batch sizes. Raises DataError or ConfigError."""
+    builder = pipeline.load_builder(
+        config.data.name,
+        data_dir=config.data.data_dir or None,
+        manual_dir=config.data.manual_dir or None,
+        config=dict(config.data.builder) or None,
+    )
+    splits = {s: pipeline.load_split(builder, s) for s in ("train", "validation", "test")}
+    settings.check_splits(config, {s: d.num_examples for s, d in splits.items()})
+    info = builder.info
+    return Dataset(
+        name=info.full_name,
+        splits=splits,
+        num_classes=info.features["label"].num_classes,
+        num_groups=info.features["group"].num_classes,
+        group_names=tuple(pipeline.group_names(builder)),
+        train_counts=tuple(int(c) for c in splits["train"].group_counts()),
+        image_size=config.data.image_size,
+        eval_batch_size=config.data.eval_batch_size,
+        eval_transform=config.data.eval_transform,
+        dtype=settings.dtype(config.dtype),
+        fingerprint=pipeline.fingerprint(builder, splits),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints read from disk (ported teachers, a ported biased model, init_from weights).
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Loaded:
+    """Variables read from a `python -m convert` (or save_variables) directory.
+
+    Attributes:
+      path: the directory, for messages only.
+      model: the ResNet its provenance describes (compute dtype of the run).
+      variables: {'params', 'batch_stats'} float32 numpy trees.
+      info: its provenance.json.
+      digest: content digest of the variables (checkpoints.digest).
+    """
+
+    path: str
+    model: models.ResNet
+    variables: dict[str, Any]
+    info: dict[str, Any]
+    digest: str
+
+    def describe(self) -> dict[str, Any]:
+        """Architecture and identity, for logs and results.json."""
+        options = self.info.get("model_options", {})
+        return {
+            "path": self.path,
+            "arch": self.info.get("arch"),
+            "num_classes": self.info.get("num_classes"),
+            "width": options.get("width", 64),
+            "small_input": options.get("small_input", False),
+            "sha256_source": self.info.get("sha256", ""),
+            "digest": self.digest,
+        }
+
+
+def model_from_provenance(info: Mapping[str, Any], compute_dtype: Any) -> models.ResNet:
+    """The ResNet a checkpoint's provenance describes (arch, classes, width, stem)."""
+    options = dict(info.get("model_options", {}))
+    options.pop("num_classes", None)
+    return models.create(info["arch"], info["num_classes"], dtype=compute_dtype, **options)
+
+
+def load_checkpoint(path: str, key: str, image_size: int, compute_dtype: Any) -> Loaded:
+    """Reads and checks a checkpoint directory; raises CheckpointError naming `key` and `path`."""
+    try:
+        variables, info = checkpoints.load_variables(path)
+        if info.get("arch") not in models.ARCHS or not isinstance(info.get("num_classes"), int):
+            raise ValueError(
+                f"its provenance has arch {info.get('arch')!r} and num_classes "
+                f"{info.get('num_classes')!r}; expected one of {models.ARCHS} and an integer"
+            )
+        model = model_from_provenance(info, compute_dtype)
+        models.merge_params(_abstract(model, image_size), variables, source=path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{key}: {e}") from e
+    return Loaded(path, model, variables, info, checkpoints.digest(variables))
+
+
+def _abstract(model: models.ResNet, image_size: int) -> Any:
+    return jax.eval_shape(lambda: models.init(model, jax.random.key(0), image_size))
+
+
+def init_variables(
+    loaded: Loaded, model: models.ResNet, rng: jax.Array, image_size: int, key: str
+) -> dict[str, Any]:
+    """`model`'s variables started from `loaded` (config *.init_from): every weight from the
+    checkpoint, except a fresh head when the checkpoint's class count differs (a backbone
+    ported with --drop-head)."""
+    fresh = ("fc",) if loaded.info.get("num_classes") != model.num_classes else ()
+    try:
+        return models.merge_params(
+            models.init(model, rng, image_size), loaded.variables, source=loaded.path, fresh=fresh
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{key}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Teachers:
+    """The M ERM teachers (one architecture, stacked by later stages).
+
+    Attributes:
+      model: their ResNet.
+      variables: M {'params', 'batch_stats'} trees (ERM heads).
+      members: per teacher, what it is: arch, width, source, digest (and val_wga, epoch when
+        trained here).
+      key: content key of the teachers (downstream stages key on it).
+      source: 'ported' or 'trained'.
+      record: how this stage was obtained.
+    """
+
+    model: models.ResNet
+    variables: list[dict[str, Any]]
+    members: list[dict[str, Any]]
+    key: str
+    source: str
+    record: StageRecord
+
+
+def read_ported_teachers(config: ml_collections.ConfigDict, data: Dataset) -> list[Loaded]:
+    """teachers.checkpoints read and checked against the data and each other."""
+    loaded = [
+        load_checkpoint(p, f"teachers.checkpoints[{i}]", data.image_size, data.dtype)
+        for i, p in enumerate(config.teachers.checkpoints)
+    ]
+    for i, t in enumerate(loaded):
+        if t.info["num_classes"] != data.num_classes:
+            raise CheckpointError(
+                f"teachers.checkpoints[{i}] ({t.path}) has {t.info['num_classes']} classes "
+                f"but the dataset has {data.num_classes}"
+            )
+    archs = {json.dumps([t.info["arch"], t.info.get("model_options", {})]) for t in loaded}
+    if len(archs) != 1:
+        raise CheckpointError(
+            f"teachers.checkpoints must share one architecture to be stacked; got {sorted(archs)}"
+        )
+    if loaded[0].info["arch"] != config.teachers.arch:
+        raise ConfigError(
+            f"teachers.checkpoints hold {loaded[0].info['arch']} weights but teachers.arch is "
+            f"{config.teachers.arch!r}; set --config.teachers.arch={loaded[0].info['arch']} "
+            "if that is intended"
+        )
+    return loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The content keys of the cached stages, known before any of them runs.
+
+    Attributes:
+      teachers: the ported checkpoints' digests, or the ERM settings, init weights and data.
+      dfr: the teachers' key, the DFR settings and the data.
+      inputs: everything the student is distilled from (teachers, heads used, biased model).
+    """
+
+    teachers: str
+    dfr: str
+    inputs: str
+
+
+def stage_keys(
+    config: ml_collections.ConfigDict,
+    data: Dataset,
+    *,
+    ported: Sequence[Loaded] = (),
+    init: Loaded | None = None,
+    biased: Loaded | None = None,
+) -> Keys:
+    """The keys of every cached stage of this config on this data (no training needed)."""
+    if ported:
+        teachers_key = wd.key_of([t.digest for t in ported])
+    else:
+        t = wd.config_dict(config)["teachers"]
+        for k in ("debiased", "map", "checkpoints", "init_from"):
+            t.pop(k, None)
+        teachers_key = wd.key_of(
+            {
+                "data": data.key,
+                "teachers": t,
+                "init": init.digest if init else "",
+                "dtype": config.dtype,
+            }
+        )
+    dfr_cfg = dataclasses.asdict(settings.dfr_config(config))
+    dfr_key = wd.key_of({"teachers": teachers_key, "dfr": dfr_cfg, "data": data.key})
+    inputs = wd.key_of(
+        {
+            "teachers": teachers_key,
+            "dfr": dfr_key,
+            "debiased": settings.debiased_count(config),
+            "biased": biased.digest if biased else config.biased.index,
+            "data": data.key,
+        }
+    )
+    return Keys(teachers_key, dfr_key, inputs)
+
+
+def teachers_stage(
+    config: ml_collections.ConfigDict,
+    data: Dataset,
+    stage_dir: Path,
+    key: str,
+    *,
+    ported: Sequence[Loaded] = (),
+    init: Loaded | None = None,
+) -> Teachers:
+    """The ERM teachers: the ported ones, or M trained here once per key (resumable)."""
+    if ported:
+        for t in ported:
+            d = t.describe()
+            print(
+                f"[teachers] ported {d['arch']} (width {d['width']}, {d['num_classes']} "
+                f"classes) from {d['path']}, digest {d['digest']}"
+            )
+        return Teachers(
+            model=ported[0].model,
+            variables=[t.variables for t in ported],
+            members=[{**t.describe(), "source": "ported"} for t in ported],
+            key=key,
+            source="ported",
+            record=StageRecord(0.0, True, ""),
+        )
+    cfg = config.teachers
+    model = settings.model(cfg, data.num_classes, data.dtype)
+    directory = stage_dir / f"teachers-{key}"
+    names = [f"erm_{m}" for m in range(cfg.num)]
+    reused = wd.is_done(directory)
+    if reused:
+        print(f"[teachers] reusing {directory}")
+        seconds = wd.read_done(directory).get("seconds", 0.0)
+    else:
+        start = time.time()
+        results = teachers.train_erm(
+            cfg=cfg,
+            model=model,
+            data=data,
+            directory=directory,
+            init=(
+                None
+                if init is None
+                else lambda v, path=init.path: _graft(v, init.variables, path, model)
+            ),
+            progress=config.progress,
+        )
+        for name, r in zip(names, results, strict=True):
+            checkpoints.save_variables(
+                directory / name,
+                {"params": r["params"], "batch_stats": r["batch_stats"]},
+                metadata={
+                    "arch": cfg.arch,
+                    "num_classes": data.num_classes,
+                    "model_options": {"width": cfg.width, "small_input": cfg.small_input},
+                    "val_wga": r["val_wga"],
+                    "epoch": r["epoch"],
+                    "selection": "best validation worst-group accuracy",
+                },
+                force=True,
+            )
+        seconds = round(time.time() - start, 1)
+        wd.mark_done(directory, {"teachers": names, "seconds": seconds})
+    variables, members = [], []
+    for name in names:
+        v, info = checkpoints.load_variables(directory / name)
+        variables.append(v)
+        members.append(
+            {
+                "arch": cfg.arch,
+                "width": cfg.width,
+                "small_input": cfg.small_input,
+                "source": "trained",
+                "path": str(directory / name),
+                "val_wga": info.get("val_wga"),
+                "epoch": info.get("epoch"),
+            }
+        )
+    return Teachers(
+        model, variables, members, key, "trained", StageRecord(seconds, reused, str(directory))
+    )
+
+
+def _graft(fresh: dict, loaded: dict, path: str, model: models.ResNet) -> dict:
+    """A teacher's fresh variables with the init_from backbone grafted on (its own head)."""
+    try:
+        return models.merge_params(fresh, loaded, source=path, fresh=("fc",))
+    except ValueError as e:
+        raise CheckpointError(f"teachers.init_from: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# DFR.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DFRHeads:
+    """DFR heads of every ERM teacher.
+
+    Attributes:
+      heads: M {'kernel': [D, C], 'bias': [C]} in raw feature space.
+      info: M records of the selection (chosen C, selection-half WGA per C).
+      key: content key (teachers' key, DFR settings, data).
+      directory: the stage directory (it also caches the teachers' test logits).
+      record: how this stage was obtained.
+    """
+
+    heads: list[dict[str, np.ndarray]]
+    info: list[dict[str, Any]]
+    key: str
+    directory: Path
+    record: StageRecord
+
+
+def dfr_stage(
+    config: ml_collections.ConfigDict, data: Dataset, t: Teachers, stage_dir: Path, key: str
+) -> DFRHeads:
+    """DFR heads of every ERM teacher, computed once per key."""
+    dfr_cfg = settings.dfr_config(config)
+    directory = stage_dir / f"dfr-{key}"
+    m = len(t.variables)
+    if wd.is_done(directory):
+        print(f"[dfr] reusing {directory}")
+        saved = np.load(directory / "heads.npz")
+        heads = [{"kernel": saved[f"kernel_{i}"], "bias": saved[f"bias_{i}"]} for i in range(m)]
+        done = wd.read_done(directory)
+        record = StageRecord(done.get("seconds", 0.0), True, str(directory))
+        return DFRHeads(heads, done["info"], key, directory, record)
+    start = time.time()
+    heads, infos = teachers.fit_dfr_heads(
+        cfg=dfr_cfg,
+        model=t.model,
+        teacher_variables=t.variables,
+        data=data,
+        how=config.teachers.map,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for i, h in enumerate(heads):
+        arrays[f"kernel_{i}"], arrays[f"bias_{i}"] = h["kernel"], h["bias"]
+    tmp = directory / ".heads.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(directory / "heads.npz")
+    seconds = round(time.time() - start, 1)
+    wd.mark_done(directory, {"info": infos, "seconds": seconds})
+    return DFRHeads(heads, infos, key, directory, StageRecord(seconds, False, str(directory)))
+
+
+def with_head(variables: Mapping[str, Any], head: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A teacher's variables with its `fc` replaced by a DFR head."""
+    params = dict(variables["params"])
+    params["fc"] = {"kernel": jnp.asarray(head["kernel"]), "bias": jnp.asarray(head["bias"])}
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen ensemble and the biased model.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Ensemble:
+    """What the student is distilled from.
+
+    Attributes:
+      ensemble: the step's static description (distill.Ensemble).
+      frozen: {'teachers': (stacked variables,), 'biased': variables or head}.
+      kinds: per teacher 'DFR' or 'ERM' (which head it distils with).
+      biased: what the biased model is, for the report.
+      key: content key of all of it (Keys.inputs: the distillation stage's input).
+    """
+
+    ensemble: distill.Ensemble
+    frozen: dict[str, Any]
+    kinds: list[str]
+    biased: dict[str, Any]
+    key: str
+
+
+def build_ensemble(
+    config: ml_collections.ConfigDict,
+    t: Teachers,
+    heads: DFRHeads,
+    biased: Loaded | None,
+    key: str,
+) -> Ensemble:
+    """The teachers with their DFR or ERM heads, and the biased model: the ERM version of
+    teacher `biased.index` (sharing its backbone) or a ported checkpoint."""
+    m = len(t.variables)
+    debiased = settings.debiased_count(config)
+    kinds = ["DFR" if i < debiased else "ERM" for i in range(m)]
+    used = [
+        with_head(v, h) if kind == "DFR" else v
+        for v, h, kind in zip(t.variables, heads.heads, kinds, strict=True)
+    ]
+    if biased is not None:
+        ens = distill.Ensemble(teachers=(t.model,), group_sizes=(m,), biased=biased.model)
+        frozen_biased = biased.variables
+        biased_info = {"source": "ported", **biased.describe()}
+    else:
+        index = config.biased.index
+        ens = distill.Ensemble(teachers=(t.model,), group_sizes=(m,), biased_backbone=(0, index))
+        frozen_biased = jax.tree.map(jnp.asarray, t.variables[index]["params"]["fc"])
+        biased_info = {"source": f"ERM teacher {index}"}
+    frozen = {"teachers": (distill.stack_variables(used),), "biased": frozen_biased}
+    return Ensemble(ens, frozen, kinds, biased_info, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Student:
+    """The distilled student.
+
+    Attributes:
+      best: variables of the epoch with the best validation WGA.
+      last: variables after the last epoch.
+      val_wga: best validation WGA.
+      epoch: its epoch (1-based).
+      record: how this stage was obtained.
+    """
+
+    best: dict[str, Any]
+    last: dict[str, Any]
+    val_wga: float
+    epoch: int
+    record: StageRecord
+
+
+def check_distill_inputs(directory: Path, key: str, overwrite: bool) -> None:
+    """Refuses to resume or reuse a distillation made from other inputs (teachers re-converted
+    at the same path, another data folder): raises WorkdirError, or with `overwrite` removes
+    the stale stage."""
+    path = directory / INPUTS_FILE
+    if not directory.exists():
+        return
+    recorded = json.loads(path.read_text()).get("key") if path.exists() else None
+    if recorded == key:
+        return
+    if not overwrite:
+        raise WorkdirError(
+            f"{directory} holds a student distilled from other inputs (teachers, DFR heads, "
+            "biased model or data changed content, with the same config); use another "
+            "--workdir, or pass --overwrite to distil again"
+        )
+    import shutil
+
+    shutil.rmtree(directory)
+
+
+def distill_stage(
+    config: ml_collections.ConfigDict,
+    data: Dataset,
+    ens: Ensemble,
+    directory: Path,
+    run_layout: settings.Layout,
+    student_init: dict[str, Any] | None,
+) -> Student:
+    """Trains (or resumes, or reuses) the student in `directory`."""
+    student = settings.model(config.student, data.num_classes, data.dtype)
+    dcfg = settings.distill_config(config)
+    try:
+        mdl = distill.create_models(student, ens.ensemble, dcfg)
+    except ValueError as e:
+        raise ConfigError(f"student and teachers do not fit together: {e}") from e
+    if wd.is_done(directory):
+        print(f"[distill] reusing {directory}")
+        best, _ = checkpoints.load_variables(directory / "student_best")
+        last, _ = checkpoints.load_variables(directory / "student_last")
+        done = wd.read_done(directory)
+        record = StageRecord(done.get("seconds", 0.0), True, str(directory))
+        return Student(best, last, done["val_wga"], done["epoch"], record)
+    start = time.time()
+    directory.mkdir(parents=True, exist_ok=True)
+    wd.write_json(directory / INPUTS_FILE, {"key": ens.key})
+    best, last, val_wga, epoch = _train_student(
+        config, data, mdl, dcfg, ens.frozen, directory, run_layout, student_init
+    )
+    meta = {
+        "arch": config.student.arch,
+        "num_classes": data.num_classes,
+        "model_options": {"width": config.student.width, "small_input": config.student.small_input},
+    }
+    checkpoints.save_variables(
+        directory / "student_best",
+        best,
+        metadata={**meta, "val_wga": val_wga, "epoch": epoch},
+        force=True,
+    )
+    checkpoints.save_variables(directory / "student_last", last, metadata=meta, force=True)
+    seconds = round(time.time() - start, 1)
+    wd.mark_done(directory, {"val_wga": val_wga, "epoch": epoch, "seconds": seconds})
+    return Student(best, last, val_wga, epoch, StageRecord(seconds, False, str(directory)))
+
+
+def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, student_init):
+    """The distillation loop: (best variables, last variables, best val WGA, its epoch)."""
+    tcfg = config.train
+    use_pmap = run_layout.pmap
+    spe = pipeline.steps_per_epoch(data.splits["train"], tcfg.batch_size)
+    tx = optim.from_config(tcfg.optimizer, epochs=tcfg.epochs, steps_per_epoch=spe)
+    state = distill.create_train_state(
+        mdl, tx, jax.random.key(config.seed), data.image_size, student_init
+    )
+    step_fn = distill.compile_step(mdl, dcfg, tx, pmap=use_pmap)
+    base_rng = jax.random.key(config.seed + 1_000_003)
+    replicate = flax.jax_utils.replicate
+    if use_pmap:
+        frozen, state = replicate(frozen), replicate(state)
+        print(
+            f"[distill] pmap over {run_layout.devices} devices, {run_layout.per_device_batch} each"
+        )
+    unrep = flax.jax_utils.unreplicate if use_pmap else (lambda x: x)
+    student_vars = lambda st: {"params": st.params["student"], "batch_stats": st.batch_stats}  # noqa: E731
+    predict = jax.jit(lambda v, x: mdl.student.apply(v, x, train=False))
+    first = student_vars(unrep(state))
+    carry = {
+        "state": state,
+        # Copies: the step donates (and deletes) the state's buffers.
+        "best_params": jax.tree.map(jnp.copy, first["params"]),
+        "best_batch_stats": jax.tree.map(jnp.copy, first["batch_stats"]),
+        "best_wga": jnp.asarray(-1.0),
+        "best_epoch": jnp.asarray(0),
+    }
+
+    def step(carry, batch, s):
+        rng = jax.random.fold_in(base_rng, s)
+        state, metrics = step_fn(carry["state"], frozen, batch, replicate(rng) if use_pmap else rng)
+        return {**carry, "state": state}, metrics
+
+    def batches(epoch, start):
+        return data.train_batches(
+            batch_size=tcfg.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            start_step=start,
+            augment=tcfg.augment,
+            num_devices=run_layout.devices if use_pmap else None,
+        )
+
+    def evaluate(carry, epoch):
+        variables = student_vars(unrep(carry["state"]))
+        s = data.evaluate(functools.partial(predict, variables), "validation")
+        if s["wga"] > float(carry["best_wga"]):
+            carry = {
+                **carry,
+                "best_params": jax.tree.map(jnp.copy, variables["params"]),
+                "best_batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"]),
+                "best_wga": jnp.asarray(s["wga"]),
+                "best_epoch": jnp.asarray(epoch + 1),
+            }
+        return carry, {"val_wga": s["wga"], "val_avg": s["avg_acc"]}
+
+    carry = loop.Loop(
+        name="distill",
+        directory=directory,
+        epochs=tcfg.epochs,
+        steps_per_epoch=spe,
+        batches=batches,
+        step=step,
+        evaluate=evaluate,
+        eval_every=tcfg.eval_every,
+        checkpoint_every=tcfg.checkpoint_every,
+        log_every=tcfg.log_every,
+        summary=distill_summary,
+        progress=config.progress,
+        save_view=lambda c: {**c, "state": unrep(c["state"])},
+        load_view=lambda c: {**c, "state": replicate(c["state"]) if use_pmap else c["state"]},
+    ).run(carry)
+    return (
+        {"params": carry["best_params"], "batch_stats": carry["best_batch_stats"]},
+        student_vars(unrep(carry["state"])),
+        float(carry["best_wga"]),
+        int(carry["best_epoch"]),
+    )
+
+
+def distill_summary(epoch: int, means: Mapping[str, float], ev: Mapping[str, Any]) -> str:
+    """The one line printed after each distillation epoch."""
+    weights = " ".join(f"{means[k]:.2f}" for k in sorted(means) if k.startswith("weight/"))
+    line = f"loss {means['loss']:.4f} (kd {means['kd_loss']:.4f}"
+    if "feat_loss" in means:
+        line += f", feat {means['feat_loss']:.4f}"
+    line += f") acc {100 * means['accuracy']:.1f} | teacher weights {weights}"
+    if "empty_rows" in means:
+        line += f" | empty rows {100 * means['empty_rows']:.1f}%"
+    if ev:
+        line += f" | val WGA {100 * ev['val_wga']:.1f} avg {100 * ev['val_avg']:.1f}"
+    return line
+
+
+def mean_teacher_weights(directory: Path) -> dict[str, float]:
+    """Mean over the epochs of each logged `weight/t`, `empty_rows` and `weight_entropy`."""
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    sums: dict[str, float] = {}
+    count = 0
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") != "epoch":
+            continue
+        count += 1
+        for k, v in r.items():
+            if k.startswith("weight/") or k in ("empty_rows", "weight_entropy"):
+                sums[k] = sums.get(k, 0.0) + v
+    return {k: v / count for k, v in sums.items()} if count else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def teacher_test_logits(data: Dataset, t: Teachers, heads: DFRHeads) -> dict[str, np.ndarray]:
+    """Test logits [M, N, C] of every ERM and DFR teacher, with the examples' labels, groups
+    and ids digest; cached in the DFR stage's directory (keyed on content)."""
+    path = heads.directory / "test_logits.npz"
+    if path.exists():
+        return dict(np.load(path))
+    logits_fn = teachers.stacked_logits_fn(t.model, "unroll")
+    dfr_vars = [with_head(v, h) for v, h in zip(t.variables, heads.heads, strict=True)]
+    out = {}
+    for name, variables in (("erm", t.variables), ("dfr", dfr_vars)):
+        got = evaluation.collect(
+            functools.partial(logits_fn, distill.stack_variables(variables)),
+            data.eval_batches("test"),
+        )
+        out[name], out["label"], out["group"] = got["output"], got["label"], got["group"]
+    tmp = heads.directory / ".test_logits.tmp.npz"
+    np.savez(tmp, **out)
+    tmp.replace(path)
+    return out
+
+
+def evaluate_stage(
+    data: Dataset,
+    t: Teachers,
+    heads: DFRHeads,
+    kinds: Sequence[str],
+    student: Student,
+    student_model: models.ResNet,
+) -> dict[str, dict[str, Any]]:
+    """Test metrics of every ERM and DFR teacher, the ensembles and the student, all on the
+    same examples (checked)."""
+    t_logits = teacher_test_logits(data, t, heads)
+    labels, groups = t_logits["label"], t_logits["group"]
+    test = data.splits["test"]
+    if not (np.array_equal(labels, test.label) and np.array_equal(groups, test.group)):
+        raise RuntimeError(
+            f"cached teacher test logits in {heads.directory} are not of this test split "
+            f"({labels.size} vs {test.num_examples} examples): stage keys missed an input"
+        )
+    results: dict[str, dict] = {}
+    for kind in ("ERM", "DFR"):
+        for i, lg in enumerate(t_logits[kind.lower()]):
+            results[f"{kind} teacher {i}"] = data.summarize(np.argmax(lg, -1), labels, groups)
+    used = np.stack([t_logits[k.lower()][i] for i, k in enumerate(kinds)])
+    composition = f"{kinds.count('DFR')} DFR + {kinds.count('ERM')} ERM"
+    ens = evaluation.ensemble_predictions(used)
+    results[f"ensemble ({composition}), avg logits"] = data.summarize(
+        ens["avg_logits"], labels, groups
+    )
+    results[f"ensemble ({composition}), majority"] = data.summarize(ens["majority"], labels, groups)
+    predict = jax.jit(lambda v, x: student_model.apply(v, x, train=False))
+    for name, variables in (
+        ("student (best val WGA)", student.best),
+        ("student (last)", student.last),
+    ):
+        results[name] = data.evaluate(functools.partial(predict, variables), "test")
+    ns = {r["n"] for r in results.values()}
+    if ns != {test.num_examples}:
+        raise RuntimeError(f"report rows were computed on different examples: n = {sorted(ns)}")
+    return results

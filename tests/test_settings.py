@@ -1,0 +1,94 @@
+"""Config validation (agre_jax/settings.py): defaults declared once, every problem named, the
+optimisers built from their config blocks."""
+
+import dataclasses
+import math
+
+import pytest
+
+from agre_jax import dfr, distill, errors, optim, settings
+from configs import default, tiny
+
+
+def test_dataclass_defaults_agree_with_the_config():
+    """configs/default.py declares every default once: the math layer's dataclasses, built
+    from their blocks by field name, equal their own defaults (the paper's preset: the
+    synthetic one shrinks counts on purpose)."""
+    config = default.get_config("waterbirds")
+    built = settings.distill_config(config)
+    assert built == distill.DistillConfig()
+    fields = {f.name for f in dataclasses.fields(distill.DistillConfig)}
+    assert set(config.distill.keys()) == fields - {"teacher_map"}
+    assert settings.dfr_config(config) == dfr.DFRConfig(seed=config.teachers.seed)
+    assert set(config.dfr.keys()) == {f.name for f in dataclasses.fields(dfr.DFRConfig)} - {
+        "seed"
+    }
+
+
+@pytest.mark.parametrize("preset", ["synthetic", "waterbirds", "celeba"])
+def test_presets_validate(preset):
+    layout = settings.validate(default.get_config(preset))
+    assert layout.devices * layout.per_device_batch == default.get_config(preset).train.batch_size
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.optimizer.learning_rate", float("nan"), "train.optimizer.learning_rate is nan"),
+        ("train.optimizer.learning_rate", -1.0, "expected a finite number > 0"),
+        ("teachers.optimizer.name", "adam", "teachers.optimizer.name is 'adam'"),
+        ("train.optimizer.momentum", 1.0, "train.optimizer.momentum"),
+        ("train.optimizer.warmup_epochs", 50, "train.optimizer.warmup_epochs"),
+        ("train.eval_every", 0, "train.eval_every is 0"),
+        ("dfr.c_grid", (), "c_grid"),
+        ("dfr.learning_rate", math.inf, "dfr.learning_rate is inf"),
+        ("dtype", "float16", "dtype is 'float16'"),
+        ("train.pmap", "sometimes", "train.pmap is 'sometimes'"),
+    ],
+)
+def test_validate_names_key_value_and_expectation(key, value, message):
+    config = tiny.get_config()
+    with config.unlocked():
+        section, *rest = key.split(".")
+        target = config
+        for part in key.split(".")[:-1]:
+            target = target[part]
+        target[key.split(".")[-1]] = value
+    with pytest.raises(errors.ConfigError, match="invalid config") as e:
+        settings.validate(config)
+    assert message in str(e.value)
+
+
+def test_validate_lists_every_problem_at_once():
+    config = tiny.get_config()
+    config.train.eval_every = 0
+    config.distill.alpha = 2.0
+    with pytest.raises(errors.ConfigError) as e:
+        settings.validate(config)
+    assert "train.eval_every" in str(e.value) and "alpha must be in" in str(e.value)
+
+
+def test_layout_needs_a_batch_divisible_by_the_devices():
+    config = tiny.get_config()
+    config.train.pmap = "always"
+    config.train.batch_size = 18
+    with pytest.raises(errors.ConfigError, match="does not divide over the 4 devices"):
+        settings.layout(config, devices=4)
+    config.train.batch_size = 16
+    assert settings.layout(config, devices=4) == settings.Layout(4, True, 4)
+    config.train.pmap = "never"
+    assert settings.layout(config, devices=4) == settings.Layout(1, False, 16)
+
+
+def test_split_sizes_against_batches():
+    config = tiny.get_config()
+    with pytest.raises(errors.ConfigError, match="train.batch_size is 16 but the training split"):
+        settings.check_splits(config, {"train": 10, "validation": 10, "test": 10})
+    settings.check_splits(config, {"train": 32, "validation": 10, "test": 10})
+
+
+def test_optimizer_from_config_block():
+    block = default.get_config().train.optimizer
+    assert optim.check_config(block, "train.optimizer", 30) == []
+    tx = optim.from_config(block, epochs=2, steps_per_epoch=5)
+    assert tx.init({"w": 0.0}) is not None
