@@ -235,9 +235,10 @@ def _label_names(spec: Mapping[str, Any]) -> list[str]:
 
 def stage_seconds(results: Mapping[str, Any]) -> dict[str, tuple[float, bool]]:
     """{stage: (seconds, reused)} from a run's results.json. `stages` = {name: {'seconds',
-    'reused'}}, where reused means an earlier run computed the stage and the seconds are what
-    it took then; older results have only `seconds` = {name: seconds, 'total': ...}: every
-    stage then counts as not reused (a reusing run recorded its short loading time)."""
+    'reused', optionally 'directory'}}, where reused means an earlier run computed the stage
+    and the seconds are what it took then; older results have only `seconds` = {name:
+    seconds, 'total': ...}: every stage then counts as not reused (a reusing run recorded its
+    short loading time)."""
     stages = results.get("stages")
     if isinstance(stages, Mapping):
         return {
@@ -266,8 +267,11 @@ def own_seconds(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def _stage_identity(results: Mapping[str, Any], stage: str) -> str:
-    """Which stage directory a run's shared stage was: runs with the same teachers (and DFR)
-    source, or the same dataset, shared one computation of it."""
+    """Which computation of a shared stage a run used: its `stages[stage]['directory']` when
+    results.json records one, else the teachers' source (teachers and DFR) or the dataset."""
+    record = _get(results, "stages", stage)
+    if isinstance(record, Mapping) and record.get("directory"):
+        return str(record["directory"])
     if stage == "data":
         return str(results.get("dataset", ""))
     return str(_get(results, "teachers", "source") or "")
@@ -350,10 +354,14 @@ def shared_line(agg: Mapping[str, Any]) -> str:
     """One line: every shared stage's seconds, counted once for the sweep ('' if none)."""
     parts = []
     for stage, x in agg.get("shared_seconds", {}).items():
+        if x["seconds"] == 0 and x["earlier"] == x["stages"]:
+            continue  # e.g. ported teachers: nothing was computed
         notes = [f"{x['stages']} stage directories"] if x["stages"] > 1 else []
         if x["earlier"]:
             notes.append(
-                "computed by an earlier run" if x["stages"] == 1 else f"{x['earlier']} earlier"
+                "computed by an earlier run"
+                if x["stages"] == 1
+                else f"{x['earlier']} computed by earlier runs"
             )
         parts.append(
             f"{stage} {_secs(x['seconds'])} s" + (f" ({', '.join(notes)})" if notes else "")

@@ -11,12 +11,13 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import ml_collections
 import pytest
 
-from agre_jax import errors, report, sweep, sweep_runner, train, workdir
+from agre_jax import errors, report, stages, sweep, sweep_runner, train, workdir
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_report_files(fabricated):
     assert agg["label_names"] == ["method"]
 
 
-def stages(data, teachers, dfr, distill, evaluate, reused=()):
+def stage_times(data, teachers, dfr, distill, evaluate, reused=()):
     """results.json['stages'] (the new form); `reused` names the stages an earlier run made."""
     times = dict(data=data, teachers=teachers, dfr=dfr, distill=distill, evaluate=evaluate)
     return {k: {"seconds": v, "reused": k in reused} for k, v in times.items()}
@@ -195,10 +196,10 @@ def test_costs_charge_shared_stages_once_not_to_the_first_variant(tmp_path):
     the other runs reused them (and recorded those times) but loaded the data themselves.
     Variant b's seed 0 resumed after its distillation (reused: its recorded time counts)."""
     times = {
-        ("a", 0): stages(3.0, 262.0, 15.0, 40.0, 5.0),
-        ("b", 0): stages(2.0, 262.0, 15.0, 20.0, 4.0, reused=("teachers", "dfr", "distill")),
-        ("a", 1): stages(2.5, 262.0, 15.0, 44.0, 7.0, reused=("teachers", "dfr")),
-        ("b", 1): stages(2.0, 262.0, 15.0, 30.0, 4.0, reused=("teachers", "dfr")),
+        ("a", 0): stage_times(3.0, 262.0, 15.0, 40.0, 5.0),
+        ("b", 0): stage_times(2.0, 262.0, 15.0, 20.0, 4.0, reused=("teachers", "dfr", "distill")),
+        ("a", 1): stage_times(2.5, 262.0, 15.0, 44.0, 7.0, reused=("teachers", "dfr")),
+        ("b", 1): stage_times(2.0, 262.0, 15.0, 30.0, 4.0, reused=("teachers", "dfr")),
     }
     old_seconds = {"teachers": 999.0, "total": 999.0}  # ignored when 'stages' is there
     agg = cost_sweep(
@@ -233,16 +234,19 @@ def test_costs_charge_shared_stages_once_not_to_the_first_variant(tmp_path):
 
 
 def test_costs_of_stages_computed_before_every_run_and_of_two_teacher_stages(tmp_path):
-    """Variant b names other teachers than a: two teacher (and DFR) stages, each counted once.
+    """Variant b names other teachers than a: two teacher (and DFR) stages, each counted once
+    (told apart by the stage's 'directory' when recorded, else by the teachers' source).
     Seed 0 of each variant trained its teachers (100 s and 200 s); every run reused its DFR
-    stage (made by a run that failed, or by another sweep): its recorded time, once each."""
+    stage (made by a run that failed, or by another sweep): its recorded time, once each.
+    Ported teachers (0 s, reused) would not be listed."""
 
     def results_of(v, seed):
         reused = ("dfr",) if seed == 0 else ("dfr", "teachers")
         teachers = 200.0 if v == "b" else 100.0
-        times = stages(1.0, teachers, 15.0, 10.0, 2.0, reused=reused)
+        times = stage_times(1.0, teachers, 15.0, 10.0, 2.0, reused=reused)
+        times["teachers"]["directory"] = f"/sweep/stages/teachers-{v}"
         r = fake_results(seed, 0.7, stages=times)
-        r["teachers"]["source"] = f"/sweep/stages/teachers-{v}"
+        r["teachers"]["source"] = f"/sweep/stages/teachers-{v}"  # for the DFR stages
         return r
 
     agg = cost_sweep(tmp_path, results_of)
@@ -253,7 +257,12 @@ def test_costs_of_stages_computed_before_every_run_and_of_two_teacher_stages(tmp
     }
     line = report.shared_line(agg)
     assert "teachers 300 s (2 stage directories)" in line
-    assert "dfr 30 s (2 stage directories, 2 earlier)" in line
+    assert "dfr 30 s (2 stage directories, 2 computed by earlier runs)" in line
+    agg["shared_seconds"]["teachers"] = {"seconds": 0.0, "stages": 1, "earlier": 1}  # ported
+    assert report.shared_line(agg) == (
+        "Shared stages, computed once for all runs (not in s/run): data 1.0 s, "
+        "dfr 30 s (2 stage directories, 2 computed by earlier runs)."
+    )
 
 
 def test_costs_from_old_results_without_stages(tmp_path):
@@ -407,9 +416,14 @@ def test_sweep_configs_plan_on_every_preset(tmp_path, name, preset):
     assert s["baseline"] in {v["name"] for v in s["variants"]}
     if name != "tiny":
         assert s["seeds"] == [0, 1, 2]
-    # Sweeping the student's seed keeps the teacher (and DFR) stages shared.
-    assert len({train._stage_keys(r.config)["teachers"] for r in runs}) == 1
-    assert {r.config.data.name for r in runs} == {config.data.name}
+    # Sweeping the student's seed keeps the teacher and DFR stages shared: one data config,
+    # and one pair of stage keys given that data (stage_keys reads only `data.key`).
+    assert {json.dumps(r.config.data.to_dict(), sort_keys=True) for r in runs} == {
+        json.dumps(config.data.to_dict(), sort_keys=True)
+    }
+    data = types.SimpleNamespace(key="the-data")
+    keys = {(k.teachers, k.dfr) for k in (stages.stage_keys(r.config, data) for r in runs)}
+    assert len(keys) == 1
 
 
 class FakeTrainer:
