@@ -26,6 +26,7 @@ from agre_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PMAP_MODES = ("auto", "always", "never")
+DATASETS = ("spurious_shapes", "waterbirds", "celeba_groups", "colored_mnist")  # agre_jax.data
 # Every key that must be an integer >= 1, with what it counts.
 POSITIVE_INTS = (
     "teachers.epochs",
@@ -171,6 +172,26 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    from agre_jax.data import pipeline  # importing the package registers its builders
+
+    problems = []
+    if config.data.eval_transform not in pipeline.EVAL_TRANSFORMS:
+        problems.append(
+            f"data.eval_transform is {config.data.eval_transform!r}; expected one of "
+            f"{pipeline.EVAL_TRANSFORMS}"
+        )
+    try:
+        tfds.builder_cls(config.data.name)
+    except Exception:  # noqa: BLE001 -- tfds raises its own not-found types
+        problems.append(
+            f"data.name is {config.data.name!r}; expected one of {DATASETS} or another TFDS dataset"
+        )
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict) -> Layout:
     """Checks everything that needs neither data nor disk and builds the static objects.
 
@@ -181,7 +202,7 @@ def validate(config: ml_collections.ConfigDict) -> Layout:
       ConfigError: one message listing every problem found, each naming the key, its value
         and what is expected.
     """
-    problems = _scalar_problems(config)
+    problems = _scalar_problems(config) + _data_problems(config)
     built = []
     for build in (
         lambda: dtype(config.dtype),
