@@ -23,12 +23,35 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:dataset]).", lock_config=True
-)
-flags.DEFINE_string("workdir", "", "Run directory (default: runs/<config file name>).")
-flags.DEFINE_bool("overwrite", False, "Replace the results of a workdir made with another config.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags(flag_values: flags.FlagValues, sys_argv: list[str] | None = None) -> None:
+    """This program's flags. Tests define them on a fresh FlagValues per call, with the
+    arguments as `sys_argv` (config_flags finds `--config.key=value` overrides there)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file (configs/*.py[:dataset]).",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=sys_argv,
+    )
+    flags.DEFINE_string(
+        "workdir",
+        "",
+        "Run directory (default: runs/<config file name>).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Replace the results of a workdir made with another config.",
+        flag_values=flag_values,
+    )
+    flags.mark_flags_as_required(["config"], flag_values=flag_values)
+
+
+define_flags(FLAGS)
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -37,12 +60,14 @@ HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
     """absl flag parsing with this program's exit codes: 2 and one line for a bad flag, a
     config file that does not load or an unknown config key; 0 for --help."""
     try:
-        rest = FLAGS(argv)
-        _ = "seed" in FLAGS.config  # config_flags defers a config file's load error to its use
+        rest = flag_values(argv)
+        _ = (
+            "seed" in flag_values.config
+        )  # config_flags defers a config file's load error to its use
         return rest
     except SystemExit as e:  # absl's help flags exit 1 after printing the usage
         if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
@@ -57,7 +82,9 @@ def _flag_message(e: BaseException) -> str:
     """One paragraph from a flag-parsing error (config_flags wraps the config's own error)."""
     text = str(e.args[0]) if isinstance(e, KeyError | AttributeError) and e.args else str(e)
     text = text.replace("\\n", "\n").replace("\\'", "'")
-    lines = [line.strip().strip("'\"") for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(e, AttributeError | KeyError):  # ml_collections quotes the key
+        lines = [line.strip("'\"") for line in lines]
     if "Traceback (most recent call last):" in text:  # a config file raised: keep its error
         head = lines[0].split("Traceback")[0].strip()
         text = f"{head} {lines[-1]}"
@@ -65,13 +92,16 @@ def _flag_message(e: BaseException) -> str:
         text = f"cannot load the config file: {' '.join(lines[-1:])}"
     else:
         text = " ".join(lines)
+    if text.startswith("Unknown command line flag 'config."):
+        key = text.split("'")[1].removeprefix("config.")
+        text = f"unknown config key {key!r}; every key is declared in configs/default.py"
     if isinstance(e, AttributeError | KeyError):
         hint = f" ({lines[1]})" if len(lines) > 1 else ""
         text = f"unknown config key {lines[0]!r}{hint}; every key is declared in configs/default.py"
     return text
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
     if len(argv) > 1:
         print(
             f"error: unexpected arguments {argv[1:]}; flags look like --name=value", file=sys.stderr
@@ -84,14 +114,15 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     from agre_jax import errors, loop, sweep_runner, train
 
-    config = FLAGS.config
-    run_dir = FLAGS.workdir or f"runs/{_config_name()}"
+    config = flag_values.config
+    source = getattr(flag_values["config"], "config_filename", "") or ""
+    run_dir = flag_values.workdir or f"runs/{_config_name(source)}"
     try:
         if "sweep" in config:
-            return sweep_runner.run_sweep(config, run_dir, FLAGS.overwrite, _config_path())[
+            return sweep_runner.run_sweep(config, run_dir, flag_values.overwrite, source)[
                 "exit_code"
             ]
-        train.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
+        train.train_and_evaluate(config, run_dir, overwrite=flag_values.overwrite)
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -111,12 +142,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _config_path() -> str:
-    return getattr(FLAGS["config"], "config_filename", "") or ""
-
-
-def _config_name() -> str:
-    path = _config_path() or "run"
+def _config_name(path: str) -> str:
+    path = path or "run"
     return path.split("/")[-1].split(":")[0].removesuffix(".py") + (
         "_" + path.split(":")[1] if ":" in path else ""
     )

@@ -26,10 +26,11 @@ TINY = ["--config", "configs/tiny.py"]
 
 def run_main(argv, capsys):
     """main.py's exit status, stdout and stderr for these arguments, in this process."""
-    flags.FLAGS.unparse_flags()
+    flag_values = flags.FlagValues()
+    main_module.define_flags(flag_values, sys_argv=["main.py", *argv])
     try:
-        rest = main_module.parse_flags(["main.py", *argv])
-        code = main_module.main(rest)
+        rest = main_module.parse_flags(["main.py", *argv], flag_values)
+        code = main_module.main(rest, flag_values)
     except SystemExit as e:
         code = e.code
     out = capsys.readouterr()
@@ -37,13 +38,14 @@ def run_main(argv, capsys):
 
 
 def snapshot(path: Path) -> dict:
-    """Every file under path with its size and modification time."""
+    """Every file under path with its size and modification time (but the lock file, which
+    a run takes in an existing workdir before reading its config record)."""
     if not path.exists():
         return {}
     return {
         str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(path.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != workdir.LOCK_FILE
     }
 
 
@@ -140,15 +142,16 @@ def test_help_exits_0_and_flag_errors_2_in_a_real_process():
     assert run("--help").returncode == 0
     proc = run("--config", "configs/tiny.py", "--config.train.epoch=3")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown config key 'epoch' (Did you mean \"epochs\"" in proc.stderr
 
 
 # Data, checkpoint and workdir mistakes: found once the data is read, before any training.
 def test_data_mistakes(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     cases = [
-        (["--config.data.name=nosuch"], "data.name is 'nosuch'"),
-        (["--config.train.batch_size=100000"], "train.batch_size is 100000 but the training"),
-        (["--config.teachers.batch_size=100000"], "teachers.batch_size is 100000"),
+        ([*TINY, "--config.data.name=nosuch"], "data.name is 'nosuch'"),
+        ([*TINY, "--config.train.batch_size=100000"], "train.batch_size is 100000 but the"),
+        ([*TINY, "--config.teachers.batch_size=100000"], "teachers.batch_size is 100000"),
         (
             [
                 "--config=configs/tiny.py:waterbirds",
@@ -160,7 +163,7 @@ def test_data_mistakes(tmp_path, capsys, monkeypatch):
     ]
     for args, message in cases:
         work = tmp_path / "w"
-        code, _, err = run_main([*TINY, "--workdir", str(work), *args], capsys)
+        code, _, err = run_main([*args, "--workdir", str(work)], capsys)
         assert_refused(code, err, message)
         assert not work.exists()
 
