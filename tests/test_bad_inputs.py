@@ -310,3 +310,23 @@ def test_no_traceback_for_a_real_process_with_bad_data(tmp_path):
         env={**os.environ},
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_full_disk_mid_run_is_one_line_saying_a_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """A storage fault during the run (here a full disk while writing a checkpoint) is not
+    bad input: exit 1, one line naming the path and saying that a rerun resumes."""
+    import errno
+
+    from agre_jax import train
+
+    monkeypatch.chdir(ROOT)
+    target = tmp_path / "w" / "distill" / "checkpoints"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(train, "train_and_evaluate", full_disk)
+    code, _, err = run_main([*TINY, "--workdir", str(tmp_path / "w")], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert f"cannot write {target} (No space left on device)" in err
+    assert "rerun the same command: it resumes from the last checkpoint" in err
