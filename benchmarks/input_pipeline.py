@@ -3,7 +3,9 @@
 Two sources: the embedded `spurious_shapes` default at 32 px (decoded images cached in memory),
 and a fake Waterbirds-like folder of random 256-400 px JPEGs read at 224 px (decoded per example,
 `decode_and_crop_jpeg`). Each row is timed over full epochs after one warm-up epoch; batches are
-consumed as numpy (no device transfer).
+consumed as numpy (no device transfer). 'eval square' is the DFR / group_DRO evaluation transform
+(`eval_transform='square_resize_crop'`). Also prints the time of `pipeline.fingerprint` of each
+source (all three splits, in memory).
 
   python benchmarks/input_pipeline.py [--data_dir DIR] [--num_jpegs 400] [--epochs 3]
 """
@@ -77,6 +79,12 @@ def main() -> None:
         "waterbirds", data_dir=os.path.join(tmp, "tfds_fake"), manual_dir=manual
     )
 
+    for name, builder in (("spurious_shapes", shapes), ("fake waterbirds", birds)):
+        splits = {s: pipeline.load_split(builder, s) for s in ("train", "validation", "test")}
+        start = time.perf_counter()
+        fingerprint = pipeline.fingerprint(builder, splits)
+        print(f"{name} fingerprint {fingerprint} in {time.perf_counter() - start:.3f} s")
+
     rows = []
     for name, builder, size, batch in (
         ("spurious_shapes 32px", shapes, 32, 64),
@@ -90,6 +98,8 @@ def main() -> None:
             ("train balanced", lambda e, s=split, c=common: pipeline.train_epoch(
                 s, seed=0, epoch=e, balanced=True, **c)),
             ("eval", lambda e, s=split, c=common: pipeline.eval_batches(s, **c)),
+            ("eval square", lambda e, s=split, c=common: pipeline.eval_batches(
+                s, eval_transform="square_resize_crop", **c)),
         ):  # fmt: skip
             rows.append((name, split.num_examples, size, batch, mode, throughput(fn, args.epochs)))
 

@@ -1,7 +1,9 @@
 """Dataset builders: tiny fixtures generated here, group bookkeeping, bad inputs, atomicity."""
 
 import csv
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from agre_jax import data
-from agre_jax.data import colored_mnist, core, pipeline, spurious_shapes
+from agre_jax.data import colored_mnist, core, folder, pipeline, spurious_shapes
 
 tfds.disable_progress_bar()
 
@@ -377,3 +379,85 @@ def test_colored_mnist_without_mnist(tmp_path):
     with pytest.raises(data.DataError, match="needs TFDS' mnist prepared"):
         builder.download_and_prepare()
     assert not builder.is_prepared()
+
+
+# --- source record of the folder builders --------------------------------------------------------
+
+
+def _files(folder):
+    return sorted(
+        (os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
+        for d, _, fs in os.walk(folder)
+        for f in fs
+    )
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_waterbirds_source_record(tmp_path):
+    folder_a = tmp_path / "a"
+    make_waterbirds(str(folder_a))
+    data_dir = str(tmp_path / "tfds")
+    builder = pipeline.load_builder("waterbirds", data_dir=data_dir, manual_dir=str(folder_a))
+    metadata = builder.info.metadata
+    assert metadata["source_folder"] == str(folder_a.resolve())
+    digest = metadata["source_digest"]
+    assert len(digest) == 64 and digest == folder.source_digest(
+        str(folder_a), [str(folder_a / "metadata.csv")]
+    )
+    prepared = _files(data_dir)
+
+    # Again from A, from a copy of A elsewhere, or without manual_dir: the prepared data.
+    for manual in (folder_a, _copy(folder_a, tmp_path / "copy_of_a"), None):
+        again = pipeline.load_builder(
+            "waterbirds", data_dir=data_dir, manual_dir=manual and str(manual)
+        )
+        assert again.info.metadata["source_digest"] == digest
+
+    # B: one label changed. C: one image added.
+    folder_b = _copy(folder_a, tmp_path / "b")
+    _edit_metadata(folder_b, lambda ls: [ls[0], ls[1].replace(",0,0,0", ",1,0,0", 1)] + ls[2:])
+    folder_c = _copy(folder_a, tmp_path / "c")
+    _jpeg(str(folder_c / "001.Bird_0" / "extra.jpg"), 99)
+    for other in (folder_b, folder_c):
+        with pytest.raises(data.DataError) as info:
+            pipeline.load_builder("waterbirds", data_dir=data_dir, manual_dir=str(other))
+        message = str(info.value)
+        expected = f"prepared from {folder_a.resolve()}, and {other} has different contents"
+        assert expected in message
+        assert "use another data.data_dir, or remove" in message
+        assert str(builder.data_path) in message
+    assert _files(data_dir) == prepared  # nothing deleted or written
+
+    # A folder that is not there cannot be checked.
+    with pytest.raises(data.DataError, match="cannot be checked against it"):
+        pipeline.load_builder("waterbirds", data_dir=data_dir, manual_dir=str(tmp_path / "none"))
+
+
+def test_celeba_source_record_and_older_prepared_data(tmp_path):
+    folder_a = tmp_path / "a"
+    make_celeba(str(folder_a / "celeba"))
+    data_dir = str(tmp_path / "tfds")
+    builder = pipeline.load_builder("celeba_groups", data_dir=data_dir, manual_dir=str(folder_a))
+    assert builder.info.metadata["source_folder"] == str((folder_a / "celeba").resolve())
+    pipeline.load_builder("celeba_groups", data_dir=data_dir, manual_dir=str(folder_a / "celeba"))
+    folder_b = _copy(folder_a, tmp_path / "b")
+    attr = folder_b / "celeba" / "list_attr_celeba.txt"
+    lines = attr.read_text().splitlines(True)
+    lines[2] = lines[2].replace("-1", "1", 1)  # Blond_Hair of the first image
+    attr.write_text("".join(lines))
+    with pytest.raises(data.DataError, match=f"prepared from .*, and {folder_b} has different"):
+        pipeline.load_builder("celeba_groups", data_dir=data_dir, manual_dir=str(folder_b))
+
+    # Prepared by older code: no source record.
+    path = builder.data_path / "metadata.json"
+    record = json.loads(path.read_text())
+    del record["source_folder"], record["source_digest"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(data.DataError, match="no source record") as info:
+        pipeline.load_builder("celeba_groups", data_dir=data_dir, manual_dir=str(folder_a))
+    assert str(builder.data_path) in str(info.value)
+    assert pipeline.load_builder("celeba_groups", data_dir=data_dir).is_prepared()

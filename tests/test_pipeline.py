@@ -1,11 +1,19 @@
-"""Input pipeline: layouts, dtypes, determinism, resume, evaluation coverage, balanced sampling."""
+"""Input pipeline: layouts, dtypes, determinism, resume, evaluation coverage, balanced sampling,
+evaluation transforms (against torchvision), fingerprints, quiet preparation."""
+
+import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
+from tensorflow_datasets.core.utils import tqdm_utils
 from test_data import FAKE_COUNTS, make_waterbirds
+from torchvision import transforms as T
 
 from agre_jax import data
 from agre_jax.data import pipeline
@@ -275,3 +283,144 @@ def test_jpeg_flip(birds, monkeypatch):
     monkeypatch.setattr(pipeline, "_augment_params", params(True))
     flipped = train(birds, **kw)[0]["image"]
     np.testing.assert_allclose(flipped, plain[:, :, ::-1], atol=1e-6)
+
+
+# --- evaluation transforms against torchvision --------------------------------------------------
+
+
+def _photo(height, width, seed=0):
+    """A smooth random colour field (bicubic-upsampled noise), like a photo's low frequencies."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+
+
+def _one_example(images, encoding):
+    zeros = np.zeros(1, np.int32)
+    return pipeline.SplitData(
+        images=tf.constant(images), label=zeros, place=zeros, group=zeros,
+        ids=np.array(["x"], object), num_groups=4, encoding=encoding,
+    )  # fmt: skip
+
+
+def _pixels(batch):
+    """An eval batch's first image back in 0-255 (normalisation undone)."""
+    image = np.asarray(batch["image"][0], np.float64)
+    return (image * np.array(pipeline.STDDEV_RGB) + np.array(pipeline.MEAN_RGB)) * 255
+
+
+def _ours(source, eval_transform, image_size=224):
+    kw = {"batch_size": 1, "image_size": image_size, "prefetch": 0}
+    return _pixels(next(pipeline.eval_batches(source, eval_transform=eval_transform, **kw)))
+
+
+TORCHVISION_RECIPES = {
+    "resize_crop": lambda: T.Compose([T.Resize(256), T.CenterCrop(224)]),
+    "square_resize_crop": lambda: T.Compose([T.Resize((256, 256)), T.CenterCrop(224)]),
+}
+
+
+# 375 x 500: landscape. 203 x 200: portrait where torchvision's rounding matters: the long side
+# is int(256 * 203 / 200) = 259 (259.84 rounds to 260) and the crop offset round(35 / 2) = 18
+# (half to even; floor gives 17).
+@pytest.mark.parametrize("height, width", [(375, 500), (203, 200)])
+@pytest.mark.parametrize("eval_transform", pipeline.EVAL_TRANSFORMS)
+def test_eval_transform_matches_torchvision(height, width, eval_transform):
+    buf = io.BytesIO()
+    Image.fromarray(_photo(height, width)).save(buf, format="JPEG", quality=95)
+    jpeg = buf.getvalue()
+    # The same decoded pixels for both (TF's and PIL's JPEG decoders differ by a few levels).
+    decoded = tf.io.decode_jpeg(jpeg, channels=3).numpy()
+    expected = np.asarray(TORCHVISION_RECIPES[eval_transform]()(Image.fromarray(decoded)), float)
+    assert expected.shape == (224, 224, 3)
+    for source in (_one_example([jpeg], "jpeg"), _one_example(decoded[None], None)):
+        got = _ours(source, eval_transform)
+        diff = np.abs(got - expected)
+        # Measured: max 1.0, mean 0.3 (TF's and PIL's antialiased bilinear kernels round
+        # differently). A crop one pixel off gives a mean of about 5.
+        assert diff.max() < 2 and diff.mean() < 0.6, (diff.max(), diff.mean())
+
+
+def test_eval_transforms_differ_and_apply_without_augmentation():
+    photo = _photo(375, 500)
+    source = _one_example(photo[None], None)
+    crop, square = (_ours(source, t) for t in pipeline.EVAL_TRANSFORMS)
+    assert np.abs(crop - square).mean() > 20  # measured: 56
+    # Training without augmentation uses the same transform.
+    kw = {"batch_size": 1, "image_size": 224, "seed": 0, "epoch": 0, "prefetch": 0}
+    for t, expected in zip(pipeline.EVAL_TRANSFORMS, (crop, square), strict=True):
+        batch = next(pipeline.train_epoch(source, augment=False, eval_transform=t, **kw))
+        np.testing.assert_allclose(_pixels(batch), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="Unknown eval_transform 'square'"):
+        _ours(source, "square")
+    with pytest.raises(ValueError, match="Unknown eval_transform"):
+        next(pipeline.train_epoch(source, eval_transform="resize", **kw))
+
+
+# --- fingerprint -------------------------------------------------------------------------------
+
+
+def _splits(builder):
+    return {s: pipeline.load_split(builder, s) for s in ("train", "validation", "test")}
+
+
+def test_fingerprint_by_content(shapes, birds, tmp_path):
+    first = pipeline.fingerprint(shapes, _splits(shapes))
+    assert len(first) == 16 and int(first, 16) >= 0
+    # The same data prepared in another data_dir.
+    again = pipeline.load_builder(
+        "spurious_shapes", data_dir=str(tmp_path / "other"), config={"size": 0.02}
+    )
+    assert again.data_path != shapes.data_path
+    assert pipeline.fingerprint(again, _splits(again)) == first
+    # Another config: other knobs, other data.
+    seed1 = pipeline.load_builder(
+        "spurious_shapes", data_dir=str(tmp_path / "other"), config={"size": 0.02, "seed": 1}
+    )
+    assert pipeline.fingerprint(seed1, _splits(seed1)) != first
+    # One label, one pixel, or the set of splits changed.
+    splits = _splits(shapes)
+    label = splits["test"].label.copy()
+    label[5] = 1 - label[5]
+    relabelled = {**splits, "test": dataclasses.replace(splits["test"], label=label)}
+    assert pipeline.fingerprint(shapes, relabelled) != first
+    pixels = splits["train"].images.numpy().copy()
+    pixels[3, 2, 1, 0] ^= 1
+    repainted = {
+        **splits,
+        "train": dataclasses.replace(splits["train"], images=tf.constant(pixels)),
+    }
+    assert pipeline.fingerprint(shapes, repainted) != first
+    assert pipeline.fingerprint(shapes, {"test": splits["test"]}) != first
+    # Encoded images (JPEG bytes): also by content, and one byte changes it.
+    birds_print = pipeline.fingerprint(birds, _splits(birds))
+    root = tmp_path / "birds"
+    make_waterbirds(str(root / "manual"))
+    birds_again = pipeline.load_builder(
+        "waterbirds", data_dir=str(root / "tfds"), manual_dir=str(root / "manual")
+    )
+    assert pipeline.fingerprint(birds_again, _splits(birds_again)) == birds_print
+    test = _splits(birds)["test"]
+    jpegs = test.images.numpy().copy()
+    jpegs[0] = jpegs[0][:-1] + bytes([jpegs[0][-1] ^ 1])
+    changed = {**_splits(birds), "test": dataclasses.replace(test, images=tf.constant(jpegs))}
+    assert pipeline.fingerprint(birds, changed) != birds_print
+
+
+# --- quiet preparation -------------------------------------------------------------------------
+
+
+def test_load_builder_prints_nothing(tmp_path, capfd):
+    """No progress bars, 'Downloading and preparing' lines or TFDS warnings, bars restored."""
+    tfds.enable_progress_bar()  # this module disables them; a user may not
+    try:
+        capfd.readouterr()
+        builder = pipeline.load_builder(
+            "spurious_shapes", data_dir=str(tmp_path), config={"size": 0.02, "seed": 2}
+        )
+        pipeline.load_split(builder, "validation")
+        out, err = capfd.readouterr()
+        assert (out, err) == ("", "")
+        assert tqdm_utils._active  # restored after preparation
+    finally:
+        tfds.disable_progress_bar()

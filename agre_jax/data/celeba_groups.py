@@ -15,12 +15,13 @@ import os
 
 import tensorflow_datasets as tfds
 
-from agre_jax.data import core
+from agre_jax.data import core, folder
 
 CLASS_NAMES = ("not_blond", "blond")
 PLACE_NAMES = ("female", "male")
 FOLDER_NAMES = ("celeba", "CelebA")
 SPLIT_OF_CODE = {0: "train", 1: "validation", 2: "test"}
+DESCRIPTION = __doc__.split("\n\n")[1]
 _ANNOTATION_DIRS = ("", "Anno", "Eval")  # the original archive keeps the lists in Anno/, Eval/
 _IMAGE_DIRS = (
     "img_align_celeba/img_align_celeba",  # Kaggle's zip nests the folder
@@ -51,7 +52,7 @@ as manual_dir (default: <data_dir>/downloads/manual/). Expected layout:
 
 
 def _error(message: str) -> core.DataError:
-    return core.DataError(f"{message}\nExpected layout:\n{LAYOUT}")
+    return CelebaGroups.error(message)
 
 
 def _find_file(root: str, stem: str) -> str | None:
@@ -65,14 +66,7 @@ def _find_file(root: str, stem: str) -> str | None:
 
 def find_root(manual_dir: os.PathLike | str) -> str:
     """The CelebA folder: `manual_dir` itself or its child named as in `FOLDER_NAMES`."""
-    manual_dir = os.fspath(manual_dir)
-    candidates = [manual_dir] + [os.path.join(manual_dir, n) for n in FOLDER_NAMES]
-    for c in candidates:
-        if _find_file(c, "list_attr_celeba"):
-            return c
-    if not os.path.isdir(manual_dir):
-        raise _error(f"CelebA folder {manual_dir} does not exist.")
-    raise _error(f"No list_attr_celeba.txt/.csv found in any of {candidates}.")
+    return CelebaGroups.find_root(manual_dir)
 
 
 def _read_table(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -151,39 +145,30 @@ def read_annotations(root: str) -> dict[str, list[dict]]:
     return out
 
 
-class CelebaGroups(tfds.core.GeneratorBasedBuilder):
+class CelebaGroups(folder.FolderBuilder):
     """CelebA: Blond_Hair (class) vs Male (spurious attribute)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+    TITLE = "CelebA"
+    DESCRIPTION = DESCRIPTION
+    HOMEPAGE = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+    LAYOUT = LAYOUT
+    FOLDER_NAMES = FOLDER_NAMES
+    ROOT_FILE = "list_attr_celeba.txt/.csv"
+    CLASS_NAMES = CLASS_NAMES
+    PLACE_NAMES = PLACE_NAMES
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=__doc__.split("\n\n")[1]
-            + "\nGroup counts per split: info.metadata['group_counts'].",
-            features=core.make_features(
-                tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                CLASS_NAMES,
-                PLACE_NAMES,
-            ),
-            metadata=tfds.core.MetadataDict(),
-            homepage="https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html",
-            disable_shuffling=True,
-        )
+    @classmethod
+    def is_root(cls, path: str) -> bool:
+        return _find_file(path, "list_attr_celeba") is not None
 
-    def _split_generators(self, dl_manager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError as e:  # TFDS' message for a missing or empty folder
-            raise _error(f"CelebA folder missing: {e}") from e
-        rows = read_annotations(find_root(manual_dir))
-        self.info.metadata["group_counts"] = {
-            s: core.count_groups([r["group"] for r in rows[s]], 4) for s in core.SPLITS
-        }
-        return {s: self._generate_examples(rows[s]) for s in core.SPLITS}
+    @classmethod
+    def read_rows(cls, root: str) -> dict[str, list[dict]]:
+        return read_annotations(root)
 
-    def _generate_examples(self, rows: list[dict]):
-        for i, r in enumerate(rows):
-            example = {k: r[k] for k in ("id", "label", "place", "group")}
-            yield i, {"image": core.image_bytes(r["path"]), **example}
+    @classmethod
+    def label_files(cls, root: str) -> list[str]:
+        found = (_find_file(root, s) for s in ("list_attr_celeba", "list_eval_partition"))
+        return [p for p in found if p is not None]

@@ -23,12 +23,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from agre_jax import errors
+
 SPLITS = ("train", "validation", "test")
 # Fixed integer codes of the splits, used to derive per-split random seeds.
 SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
     """A dataset's files are missing or malformed; the message names the expected layout."""
 
 

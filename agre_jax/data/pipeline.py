@@ -16,8 +16,10 @@ Public API:
   load_split(builder, split='train') -> SplitData (cached in memory per prepared split)
   steps_per_epoch(num_examples, batch_size) -> int
   split_halves(groups, seed) -> (first_half, second_half) indices, stratified by group
-  train_epoch(source, *, batch_size, image_size, seed, epoch, start_step=0, ...) -> batches
-  eval_batches(source, *, batch_size, image_size, split='test', ...) -> batches with `mask`
+  train_epoch(source, *, batch_size, image_size, seed, epoch, start_step=0, ...,
+              eval_transform='resize_crop') -> batches
+  eval_batches(source, *, batch_size, image_size, split='test', ...,
+               eval_transform='resize_crop') -> batches with `mask`
 
 Batches are dicts: `image` [B, S, S, 3] float32 or bfloat16, ImageNet-normalised; `label`,
 `group`, `place` and `index` (the example's position in the split) int32 [B]; eval batches add
@@ -27,16 +29,25 @@ of P receives columns [p * B / P, (p + 1) * B / P) of every global batch.
 
 Augmentation (training): RandomResizedCrop (area 0.7-1.0, aspect ratio 3/4-4/3, 10 tries, else
 the whole image) to `image_size`, bilinear, plus horizontal flip with probability 1/2.
-Evaluation (and `augment=False`): resize the shorter side to round(image_size * 256 / 224)
-(bilinear, antialiased) and take the central `image_size` square.
+Evaluation (and `augment=False`), `eval_transform`: 'resize_crop' (default, torchvision's ImageNet
+recipe) resizes the shorter side to round(image_size * 256 / 224), 'square_resize_crop' (DFR's and
+group_DRO's recipe, `Resize((256, 256))` at 224 px) resizes to that square; both bilinear,
+antialiased, then the central `image_size` square. Both follow torchvision's size and offset
+rounding (tested against torchvision).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import hashlib
+import io
 import itertools
+import json
+import logging
 import math
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -44,8 +55,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
-from agre_jax.data import core
+from agre_jax.data import core, folder
 
 try:  # TF must never take the accelerator from JAX.
     tf.config.set_visible_devices([], "GPU")
@@ -58,9 +70,12 @@ CROP_AREA = (0.7, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10
 EVAL_RESIZE_RATIO = 256 / 224
+# Evaluation transforms (also training without augmentation), see `_eval_resize`.
+EVAL_TRANSFORMS = ("resize_crop", "square_resize_crop")
 _CACHE_SIZE = 8
 _PARAMS = ("gather", "area", "log_ratio", "offset", "flip")  # inputs of the image transform
 _SPLIT_CACHE: collections.OrderedDict = collections.OrderedDict()
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SplitData -> sha256
 Batch = dict[str, Any]
 
 
@@ -113,6 +128,33 @@ def _canonical_config(builder_cls: type, config: Any) -> Any:
     return config
 
 
+class _DropTfdsLogs(logging.Filter):
+    """Drops TFDS' absl log records below ERROR (custom-config and missing-info warnings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+    """TFDS without its output: no progress bars, no 'Downloading and preparing dataset ...'
+    lines (printed on stdout, which is swallowed while preparing), no warnings below ERROR.
+
+    Everything is restored on exit. TensorFlow's C++ log lines are not affected: they obey
+    TF_CPP_MIN_LOG_LEVEL, read when TensorFlow is first imported.
+    """
+    absl_logger = logging.getLogger("absl")
+    log_filter = _DropTfdsLogs()
+    progress = getattr(tqdm_utils, "_active", True)  # no public getter
+    absl_logger.addFilter(log_filter)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(progress)
+        absl_logger.removeFilter(log_filter)
+
+
 def load_builder(
     name: str,
     *,
@@ -120,7 +162,12 @@ def load_builder(
     manual_dir: str | None = None,
     config: str | tfds.core.BuilderConfig | Mapping[str, Any] | None = None,
 ) -> tfds.core.DatasetBuilder:
-    """The builder `name` in `data_dir`, prepared first if needed.
+    """The builder `name` in `data_dir`, prepared first if needed, without TFDS output.
+
+    A folder builder (`waterbirds`, `celeba_groups`) records the folder it was prepared from and
+    a digest of its contents (`info.metadata['source_folder']`, `['source_digest']`). When such
+    a builder is already prepared and `manual_dir` is given, the digest of `manual_dir` must
+    match: the same contents at another path are fine, other contents are refused.
 
     Args:
       name: 'spurious_shapes', 'waterbirds', 'celeba_groups', 'colored_mnist' or any TFDS name.
@@ -132,14 +179,111 @@ def load_builder(
         config's select that config.
 
     Raises:
-      DataError: if a manual dataset is missing or malformed (nothing is left prepared).
+      DataError: if a manual dataset is missing or malformed (nothing is left prepared), or if
+        `data_dir` holds it prepared from a folder whose contents differ from `manual_dir`'s
+        (or prepared by older code, without a record of its source).
     """
-    config = _canonical_config(tfds.builder_cls(name), config)
-    builder = tfds.builder(name, data_dir=data_dir, config=config)
-    if not builder.is_prepared():
-        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-        builder.download_and_prepare(download_config=download_config)
+    with quiet_tfds():
+        config = _canonical_config(tfds.builder_cls(name), config)
+        builder = tfds.builder(name, data_dir=data_dir, config=config)
+        if not builder.is_prepared():
+            download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare(download_config=download_config)
+        elif manual_dir is not None and isinstance(builder, folder.FolderBuilder):
+            _check_source(builder, manual_dir)
     return builder
+
+
+def _check_source(builder: folder.FolderBuilder, manual_dir: str) -> None:
+    """Raises DataError unless `manual_dir` has the contents `builder` was prepared from."""
+    metadata = builder.info.metadata or {}
+    recorded = metadata.get(folder.SOURCE_FOLDER)
+    fix = (
+        f"use another data.data_dir, or remove {builder.data_path} to prepare it again from "
+        f"{manual_dir}."
+    )
+    if recorded is None or folder.SOURCE_DIGEST not in metadata:
+        raise core.DataError(
+            f"The data_dir already holds {builder.name} prepared by an older version of this "
+            f"code, with no source record (metadata '{folder.SOURCE_FOLDER}' and "
+            f"'{folder.SOURCE_DIGEST}'), so it cannot be checked against manual_dir "
+            f"{manual_dir}: {fix}"
+        )
+    try:
+        current = type(builder).source_record(manual_dir)
+    except core.DataError as e:
+        raise core.DataError(
+            f"The data_dir already holds {builder.name} prepared from {recorded}, and manual_dir "
+            f"{manual_dir} cannot be checked against it ({e.args[0].splitlines()[0]}): set "
+            f"data.manual_dir to the folder it was prepared from, or leave it empty to use the "
+            f"prepared data as it is."
+        ) from e
+    if current[folder.SOURCE_DIGEST] != metadata[folder.SOURCE_DIGEST]:
+        raise core.DataError(
+            f"The data_dir already holds {builder.name} prepared from {recorded}, and "
+            f"{manual_dir} has different contents (label files or image file names and sizes); "
+            f"{fix}"
+        )
+
+
+def _config_knobs(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+    """The builder config's own fields (not its name or description), {} without a config."""
+    config = builder.builder_config
+    if config is None:
+        return {}
+    base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}  # name, description, ...
+    fields = dataclasses.fields(config)
+    return {f.name: getattr(config, f.name) for f in fields if f.name not in base}
+
+
+def _split_digest(data: SplitData) -> bytes:
+    """sha256 of one split's content: labels, places, groups, ids and the image data."""
+    cached = _DIGESTS.get(data)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+
+    def add(tag: str, payload: bytes) -> None:
+        h.update(f"{tag} {len(payload)}\n".encode())
+        h.update(payload)
+
+    for tag, array in (("label", data.label), ("place", data.place), ("group", data.group)):
+        add(tag, np.ascontiguousarray(array, dtype="<i4").tobytes())
+    add("num_groups", str(data.num_groups).encode())
+    add("ids", "\n".join(data.ids).encode())  # ids hold no newline (file names, indices)
+    add("encoding", str(data.encoding).encode())
+    images = data.images.numpy()
+    if data.encoding is None:
+        add("shape", str(images.shape).encode())
+        add("images", np.ascontiguousarray(images).tobytes())
+    else:
+        for encoded in images:
+            add("image", encoded)
+    _DIGESTS[data] = digest = h.digest()
+    return digest
+
+
+def fingerprint(builder: tfds.core.DatasetBuilder, splits: Mapping[str, SplitData]) -> str:
+    """A digest (16 hex characters of a sha256) that identifies prepared data by content.
+
+    It covers the builder's name, version and config knobs and, for every split of `splits`
+    (in name order), its name, label, place and group arrays, ids and image data (decoded
+    pixels, or each example's encoded bytes). It does not depend on `data_dir`, `manual_dir` or
+    any other path: the same data prepared twice gives the same fingerprint. Each split's
+    digest is computed once per `SplitData` object (about 0.1 s for the synthetic default).
+    """
+    h = hashlib.sha256()
+    head = {
+        "name": builder.name,
+        "version": str(builder.version),
+        "config": _config_knobs(builder),
+    }
+    h.update(json.dumps(head, sort_keys=True, default=repr).encode())
+    for name in sorted(splits):
+        h.update(f"\nsplit {name}\n".encode())
+        h.update(_split_digest(splits[name]))
+    return h.hexdigest()[:16]
 
 
 def load_split(
@@ -159,11 +303,12 @@ def load_split(
     shape = feature.shape
     decode = None not in shape and n * math.prod(shape) <= max_decoded_bytes
     decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
-    ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
     columns = collections.defaultdict(list)
-    for batch in tfds.as_numpy(ds.batch(1024)):
-        for k in ("image", "label", "place", "group", "id"):
-            columns[k].append(batch[k])
+    with quiet_tfds():
+        ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+        for batch in tfds.as_numpy(ds.batch(1024)):
+            for k in ("image", "label", "place", "group", "id"):
+                columns[k].append(batch[k])
     if not columns:
         raise core.DataError(f"Split {split!r} of {builder.info.full_name} is empty.")
     images = np.concatenate(columns["image"])
@@ -285,18 +430,42 @@ def _normalize(images: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     return tf.cast(images, dtype)
 
 
-def _eval_resize(images: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resize [..., H, W, 3] so the shorter side is image_size * 256/224, then centre crop."""
+def _eval_resize(images: tf.Tensor, image_size: int, transform: str = "resize_crop") -> tf.Tensor:
+    """The evaluation transform of [..., H, W, 3] (before normalisation), as torchvision does it.
+
+    With R = round(image_size * 256 / 224): 'resize_crop' resizes the shorter side to R, the
+    longer to floor(R * long / short) (torchvision's `Resize(R)`); 'square_resize_crop' resizes to
+    R x R (`Resize((R, R))`, the DFR / group_DRO recipe). Both resample bilinearly with
+    antialiasing, then take the central `image_size` square (`CenterCrop`: offsets
+    round((R - image_size) / 2), half to even).
+    """
     shape = tf.shape(images)
-    height, width = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
-    short = round(image_size * EVAL_RESIZE_RATIO)
-    scale = short / tf.minimum(height, width)
-    new_h = tf.cast(tf.round(height * scale), tf.int32)
-    new_w = tf.cast(tf.round(width * scale), tf.int32)
+    height, width = shape[-3], shape[-2]
+    target = round(image_size * EVAL_RESIZE_RATIO)
+    if transform == "square_resize_crop":
+        new_h = new_w = tf.constant(target, tf.int32)
+    else:
+        short, long = tf.minimum(height, width), tf.maximum(height, width)
+        # int(target * long / short) in float64, exactly as Python computes it.
+        scaled = tf.cast(long, tf.float64) * target / tf.cast(short, tf.float64)
+        new_long = tf.cast(tf.floor(scaled), tf.int32)
+        new_h = tf.where(height <= width, target, new_long)
+        new_w = tf.where(height <= width, new_long, target)
     images = tf.image.resize(images, [new_h, new_w], method="bilinear", antialias=True)
-    top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+
+    def offset(size):
+        return tf.cast(tf.round(tf.cast(size - image_size, tf.float64) / 2), tf.int32)
+
+    top, left = offset(new_h), offset(new_w)
     images = images[..., top : top + image_size, left : left + image_size, :]
     return tf.ensure_shape(images, [*images.shape[:-3], image_size, image_size, 3])
+
+
+def _check_eval_transform(eval_transform: str) -> None:
+    if eval_transform not in EVAL_TRANSFORMS:
+        raise ValueError(
+            f"Unknown eval_transform {eval_transform!r}: expected one of {EVAL_TRANSFORMS}."
+        )
 
 
 def _decode(data: tf.Tensor, encoding: str) -> tf.Tensor:
@@ -305,13 +474,15 @@ def _decode(data: tf.Tensor, encoding: str) -> tf.Tensor:
     return tf.io.decode_image(data, channels=3, expand_animations=False)
 
 
-def _example_fn(data: SplitData, image_size: int, augment: bool, dtype: tf.DType):
+def _example_fn(
+    data: SplitData, image_size: int, augment: bool, dtype: tf.DType, eval_transform: str
+):
     """Per-example transform of encoded images: element dict -> image [S, S, 3] of `dtype`."""
 
     def fn(el):
         encoded = tf.gather(data.images, el["gather"])
         if not augment:
-            image = _eval_resize(_decode(encoded, data.encoding), image_size)
+            image = _eval_resize(_decode(encoded, data.encoding), image_size, eval_transform)
         else:
             if data.encoding == "jpeg":
                 shape = tf.image.extract_jpeg_shape(encoded)
@@ -330,14 +501,16 @@ def _example_fn(data: SplitData, image_size: int, augment: bool, dtype: tf.DType
     return fn
 
 
-def _batch_fn(data: SplitData, image_size: int, augment: bool, dtype: tf.DType):
+def _batch_fn(
+    data: SplitData, image_size: int, augment: bool, dtype: tf.DType, eval_transform: str
+):
     """Whole-batch transform of decoded images (static shape): batch dict -> image [B, S, S, 3]."""
     height, width = data.images.shape[1:3]
 
     def fn(el):
         images = tf.gather(data.images, el["gather"])
         if not augment:
-            return _normalize(_eval_resize(images, image_size), dtype)
+            return _normalize(_eval_resize(images, image_size, eval_transform), dtype)
         b = tf.shape(el["gather"])[0]
         y, x, h, w = _crop_window(
             tf.fill([b], height), tf.fill([b], width), el["area"], el["log_ratio"], el["offset"]
@@ -363,7 +536,12 @@ def _batch_fn(data: SplitData, image_size: int, augment: bool, dtype: tf.DType):
 
 
 def _dataset(
-    data: SplitData, columns: dict[str, np.ndarray], image_size: int, augment: bool, dtype
+    data: SplitData,
+    columns: dict[str, np.ndarray],
+    image_size: int,
+    augment: bool,
+    dtype,
+    eval_transform: str,
 ) -> tf.data.Dataset:
     """Per-batch columns [steps, b, ...] -> tf.data of batch dicts (image, label, group, ...)."""
     dtype = tf.as_dtype(np.dtype(dtype))
@@ -377,10 +555,10 @@ def _dataset(
     params = {k: v for k, v in columns.items() if k in _PARAMS}
     ds = tf.data.Dataset.from_tensor_slices((params, labels))
     if data.encoding is None:
-        fn = _batch_fn(data, image_size, augment, dtype)
+        fn = _batch_fn(data, image_size, augment, dtype, eval_transform)
         ds = ds.map(lambda p, lab: {"image": fn(p), **lab}, num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        fn = _example_fn(data, image_size, augment, dtype)
+        fn = _example_fn(data, image_size, augment, dtype, eval_transform)
         b = gather.shape[1]
         ds = ds.unbatch().map(
             lambda p, lab: {"image": fn(p), **lab}, num_parallel_calls=tf.data.AUTOTUNE
@@ -459,6 +637,7 @@ def train_epoch(
     num_devices: int | None = None,
     balanced: bool = False,
     augment: bool = True,
+    eval_transform: str = "resize_crop",
     dtype: Any = np.float32,
     split: str = "train",
     indices: np.ndarray | None = None,
@@ -477,6 +656,10 @@ def train_epoch(
       num_devices: None for [B/P, ...] (jit); D for [D, B/(P*D), ...] (pmap).
       balanced: group-balanced sampling (uniform group, then uniform member, with replacement).
       augment: RandomResizedCrop + flip; False gives the evaluation transform.
+      eval_transform: the evaluation transform, one of `EVAL_TRANSFORMS`: 'resize_crop'
+        (torchvision's ImageNet recipe: shorter side to S * 256/224, centre crop S) or
+        'square_resize_crop' (DFR / group_DRO: resize to a square of side S * 256/224, centre
+        crop S). Used when `augment` is False.
       dtype: image dtype (np.float32 or jnp.bfloat16).
       indices: restrict the epoch to these example indices of the split.
       prefetch: batches kept ahead on the device(s); 0 yields numpy arrays.
@@ -484,6 +667,7 @@ def train_epoch(
     Yields:
       dicts with image [.., S, S, 3] and label, group, place int32.
     """
+    _check_eval_transform(eval_transform)
     data = _as_split(source, split)
     p_index, p_count = _processes(process_index, process_count)
     _check_batch(batch_size, num_devices, p_count)
@@ -504,7 +688,7 @@ def train_epoch(
     if start_step == steps:
         return iter(())
     columns = _process_columns(arrays, batch_size, p_index, p_count)
-    ds = _dataset(data, columns, image_size, augment, dtype)
+    ds = _dataset(data, columns, image_size, augment, dtype, eval_transform)
     return _to_layout(ds, num_devices, prefetch)
 
 
@@ -515,6 +699,7 @@ def eval_batches(
     image_size: int,
     split: str = "test",
     num_devices: int | None = None,
+    eval_transform: str = "resize_crop",
     dtype: Any = np.float32,
     indices: np.ndarray | None = None,
     prefetch: int = 2,
@@ -527,6 +712,7 @@ def eval_batches(
     Across processes the examples are dealt as in `train_epoch`, so every process gets the
     same number of batches. Arguments as in `train_epoch`.
     """
+    _check_eval_transform(eval_transform)
     data = _as_split(source, split)
     p_index, p_count = _processes(process_index, process_count)
     _check_batch(batch_size, num_devices, p_count)
@@ -540,7 +726,7 @@ def eval_batches(
         "mask": real.astype(np.float32),
     }
     columns = _process_columns(arrays, batch_size, p_index, p_count)
-    ds = _dataset(data, columns, image_size, False, dtype)
+    ds = _dataset(data, columns, image_size, False, dtype, eval_transform)
     return _to_layout(ds, num_devices, prefetch)
 
 

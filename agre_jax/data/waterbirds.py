@@ -15,13 +15,14 @@ import os
 
 import tensorflow_datasets as tfds
 
-from agre_jax.data import core
+from agre_jax.data import core, folder
 
 CLASS_NAMES = ("landbird", "waterbird")
 PLACE_NAMES = ("land", "water")
 FOLDER_NAMES = ("waterbird_complete95_forest2water2", "waterbirds_v1.0")
 REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
 SPLIT_OF_CODE = {0: "train", 1: "validation", 2: "test"}
+DESCRIPTION = __doc__.split("\n\n")[1]
 
 LAYOUT = """\
 <manual_dir>/ is either the dataset folder itself or a parent of a folder named
@@ -44,19 +45,12 @@ extract it, and pass its folder (or the folder that contains it) as manual_dir (
 
 
 def _error(message: str) -> core.DataError:
-    return core.DataError(f"{message}\nExpected layout:\n{LAYOUT}")
+    return Waterbirds.error(message)
 
 
 def find_root(manual_dir: os.PathLike | str) -> str:
     """The dataset folder: `manual_dir` itself or its child named as in `FOLDER_NAMES`."""
-    manual_dir = os.fspath(manual_dir)
-    candidates = [manual_dir] + [os.path.join(manual_dir, n) for n in FOLDER_NAMES]
-    for c in candidates:
-        if os.path.isfile(os.path.join(c, "metadata.csv")):
-            return c
-    if not os.path.isdir(manual_dir):
-        raise _error(f"Waterbirds folder {manual_dir} does not exist.")
-    raise _error(f"No metadata.csv found in any of {candidates}.")
+    return Waterbirds.find_root(manual_dir)
 
 
 def read_metadata(root: str) -> dict[str, list[dict]]:
@@ -109,39 +103,29 @@ def read_metadata(root: str) -> dict[str, list[dict]]:
     return out
 
 
-class Waterbirds(tfds.core.GeneratorBasedBuilder):
+class Waterbirds(folder.FolderBuilder):
     """Waterbirds: bird type (class) vs background (spurious attribute)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+    TITLE = "Waterbirds"
+    DESCRIPTION = DESCRIPTION
+    HOMEPAGE = "https://github.com/kohpangwei/group_DRO"
+    LAYOUT = LAYOUT
+    FOLDER_NAMES = FOLDER_NAMES
+    ROOT_FILE = "metadata.csv"
+    CLASS_NAMES = CLASS_NAMES
+    PLACE_NAMES = PLACE_NAMES
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=__doc__.split("\n\n")[1]
-            + "\nGroup counts per split: info.metadata['group_counts'].",
-            features=core.make_features(
-                tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                CLASS_NAMES,
-                PLACE_NAMES,
-            ),
-            metadata=tfds.core.MetadataDict(),
-            homepage="https://github.com/kohpangwei/group_DRO",
-            disable_shuffling=True,
-        )
+    @classmethod
+    def is_root(cls, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, "metadata.csv"))
 
-    def _split_generators(self, dl_manager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError as e:  # TFDS' message for a missing or empty folder
-            raise _error(f"Waterbirds folder missing: {e}") from e
-        rows = read_metadata(find_root(manual_dir))
-        self.info.metadata["group_counts"] = {
-            s: core.count_groups([r["group"] for r in rows[s]], 4) for s in core.SPLITS
-        }
-        return {s: self._generate_examples(rows[s]) for s in core.SPLITS}
+    @classmethod
+    def read_rows(cls, root: str) -> dict[str, list[dict]]:
+        return read_metadata(root)
 
-    def _generate_examples(self, rows: list[dict]):
-        for i, r in enumerate(rows):
-            example = {k: r[k] for k in ("id", "label", "place", "group")}
-            yield i, {"image": core.image_bytes(r["path"]), **example}
+    @classmethod
+    def label_files(cls, root: str) -> list[str]:
+        return [os.path.join(root, "metadata.csv")]
