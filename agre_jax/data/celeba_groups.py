@@ -129,20 +129,9 @@ def read_annotations(root: str) -> dict[str, list[dict]]:
             missing.append(os.path.join(image_dir, name))
         y, a = (int(v == "1") for v in values)
         out[SPLIT_OF_CODE[partition[name]]].append(
-            {
-                "path": os.path.join(image_dir, name),
-                "id": name,
-                "label": y,
-                "place": a,
-                "group": 2 * y + a,
-            }
+            folder.example_row(os.path.join(image_dir, name), name, y, a)
         )
-    if missing:
-        raise _error(f"Missing image file {missing[0]} (and {len(missing) - 1} more).")
-    empty = [s for s, r in out.items() if not r]
-    if empty:
-        raise _error(f"{attr_path} and {part_path} give no images for split(s) {empty}.")
-    return out
+    return folder.check_rows(out, missing, _error, f"{attr_path} and {part_path} give no images")
 
 
 class CelebaGroups(folder.FolderBuilder):

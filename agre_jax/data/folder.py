@@ -46,6 +46,35 @@ def find_root(
     raise error(f"No {wanted} found in any of {candidates}.")
 
 
+def example_row(path: str, example_id: str, label: int, place: int) -> dict:
+    """One validated row: {'path', 'id', 'label', 'place', 'group'} with group 2 * label + place."""
+    return {
+        "path": path,
+        "id": example_id,
+        "label": label,
+        "place": place,
+        "group": 2 * label + place,
+    }
+
+
+def check_rows(
+    rows: dict[str, list[dict]],
+    missing: Sequence[str],
+    error: Callable[[str], core.DataError],
+    no_rows: str,
+) -> dict[str, list[dict]]:
+    """`rows` if no image file is missing and no split is empty, else DataError.
+
+    `no_rows` starts the empty-split message: '<no_rows> for split(s) [...].'
+    """
+    if missing:
+        raise error(f"Missing image file {missing[0]} (and {len(missing) - 1} more).")
+    empty = [s for s, r in rows.items() if not r]
+    if empty:
+        raise error(f"{no_rows} for split(s) {empty}.")
+    return rows
+
+
 def source_digest(root: str, label_files: Sequence[str]) -> str:
     """sha256 (hex) of a dataset folder: its label files' bytes, then its image files' sizes.
 

@@ -87,20 +87,9 @@ def read_metadata(root: str) -> dict[str, list[dict]]:
         if not os.path.isfile(image_path):
             missing_files.append(image_path)
         out[SPLIT_OF_CODE[code]].append(
-            {
-                "path": image_path,
-                "id": row["img_filename"],
-                "label": y,
-                "place": place,
-                "group": 2 * y + place,
-            }
+            folder.example_row(image_path, row["img_filename"], y, place)
         )
-    if missing_files:
-        raise _error(f"Missing image file {missing_files[0]} (and {len(missing_files) - 1} more).")
-    empty = [s for s, r in out.items() if not r]
-    if empty:
-        raise _error(f"{path} has no rows for split(s) {empty}.")
-    return out
+    return folder.check_rows(out, missing_files, _error, f"{path} has no rows")
 
 
 class Waterbirds(folder.FolderBuilder):
