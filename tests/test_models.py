@@ -173,7 +173,8 @@ def test_train_mode_returns_new_batch_stats():
     ):
         assert not np.allclose(new, old)
 
-    # The stem's BatchNorm: running = 0.9 running + 0.1 batch (torch's momentum 0.1).
+    # The stem's BatchNorm: running = 0.9 running + 0.1 batch (torch's momentum 0.1), with
+    # the unbiased batch variance in the running variance, as torch.
     kernel = variables["params"]["conv1"]["kernel"]
     dimensions = ("NHWC", "HWIO", "NHWC")
     conv1 = jax.lax.conv_general_dilated(
@@ -185,7 +186,7 @@ def test_train_mode_returns_new_batch_stats():
         new["mean"], 0.9 * old["mean"] + 0.1 * conv1.mean((0, 1, 2)), rtol=1e-5, atol=1e-6
     )
     np.testing.assert_allclose(
-        new["var"], 0.9 * old["var"] + 0.1 * conv1.var((0, 1, 2)), rtol=1e-5, atol=1e-6
+        new["var"], 0.9 * old["var"] + 0.1 * conv1.var((0, 1, 2), ddof=1), rtol=1e-5, atol=1e-6
     )
 
     out = models.apply_with_features(model, variables, images, layers=())
@@ -239,3 +240,106 @@ def test_feature_adapters():
     assert jax.tree.leaves(variables) == []
     out = same.apply(variables, features)
     chex.assert_trees_all_equal(out, features)
+
+
+# ------------------------------------------------------------------------------ merge_params
+
+
+def _tiny(num_classes: int = 3) -> models.ResNet:
+    return models.create("resnet18", num_classes=num_classes, width=4, small_input=True)
+
+
+def test_abstract_variables():
+    model = _tiny()
+    shapes = models.abstract_variables(model, 32)
+    assert set(shapes) == {"params", "batch_stats"}
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes, _variable_shapes(model))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+
+
+def test_merge_params_grafts_every_leaf():
+    model = _tiny()
+    init = _random_variables(model, seed=0)
+    loaded = jax.tree.map(lambda x: x.astype(np.float64), _random_variables(model, seed=1))
+    merged = models.merge_params(init, loaded, source="ckpt.pt")
+    chex.assert_trees_all_equal_structs(merged, init)
+    assert type(merged) is dict and type(merged["params"]["layer1"]["0"]) is dict
+    chex.assert_type(jax.tree.leaves(merged), np.float32)  # cast to the model's dtype
+    chex.assert_trees_all_equal(merged, jax.tree.map(lambda x: x.astype(np.float32), loaded))
+    # jax arrays stay jax arrays (no host round trip).
+    on_device = models.merge_params(init, jax.tree.map(jnp.asarray, init), source="x")
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(on_device))
+
+
+def test_merge_params_fresh_head_keeps_init():
+    init = _random_variables(_tiny(3), seed=0)
+    other_head = _random_variables(_tiny(5), seed=1)  # a 5-class head: shapes differ
+    merged = models.merge_params(init, other_head, source="ckpt.pt", fresh=("fc",))
+    chex.assert_trees_all_equal(merged["params"]["fc"], init["params"]["fc"])
+    chex.assert_trees_all_equal(merged["params"]["layer2"], other_head["params"]["layer2"])
+    chex.assert_trees_all_equal(merged["batch_stats"], other_head["batch_stats"])
+    # A backbone-only checkpoint (head dropped): nothing missing.
+    backbone = {"params": {k: v for k, v in other_head["params"].items() if k != "fc"}}
+    backbone["batch_stats"] = other_head["batch_stats"]
+    merged = models.merge_params(init, backbone, source="ckpt.pt", fresh=("fc",))
+    chex.assert_trees_all_equal(merged["params"]["fc"], init["params"]["fc"])
+    # Fresh BatchNorms take their statistics from init too.
+    merged = models.merge_params(init, other_head, source="ckpt.pt", fresh=("fc", "bn1"))
+    chex.assert_trees_all_equal(merged["batch_stats"]["bn1"], init["batch_stats"]["bn1"])
+    with pytest.raises(ValueError, match="head"):
+        models.merge_params(init, other_head, source="ckpt.pt", fresh=("head",))
+
+
+def test_merge_params_names_every_problem():
+    model = _tiny()
+    init = _random_variables(model, seed=0)
+    loaded = _random_variables(model, seed=1)
+    del loaded["params"]["layer1"]["0"]["conv1"]["kernel"]
+    del loaded["batch_stats"]["bn1"]  # mean and var: 3 missing in all
+    loaded["params"]["extra"] = {f"w{i}": np.zeros(2, np.float32) for i in range(7)}
+    loaded["params"]["fc"]["kernel"] = np.zeros((32, 5), np.float32)
+    with pytest.raises(ValueError) as error:
+        models.merge_params(init, loaded, source="/ckpts/teacher0.pt")
+    message = str(error.value)
+    assert message.startswith("the weights in /ckpts/teacher0.pt do not fit the model: ")
+    assert "3 keys missing from the checkpoint (" in message
+    for key in ("params/layer1/0/conv1/kernel", "batch_stats/bn1/mean", "batch_stats/bn1/var"):
+        assert key in message
+    # Cut to the first 5 with the total count.
+    assert "7 unexpected keys (params/extra/w0, " in message and "and 2 more)" in message
+    assert "params/extra/w5" not in message
+    assert "1 shape mismatches (params/fc/kernel [32, 5] in the checkpoint, [32, 3]" in message
+
+    # One kind at a time: only that kind is named.
+    only = _random_variables(model, seed=1)
+    only["params"]["fc"]["bias"] = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"model: 1 shape mismatches \(params/fc/bias \[4\]"):
+        models.merge_params(init, only, source="x")
+
+
+def test_merge_params_does_not_mutate_its_inputs():
+    model = _tiny()
+    init = _random_variables(model, seed=0)
+    loaded = _random_variables(model, seed=1)
+    loaded["params"]["fc"]["kernel"] = np.zeros((32, 7), np.float32)
+    before_init, before_loaded = jax.tree.map(np.copy, (init, loaded))
+    merged = models.merge_params(init, loaded, source="x", fresh=("fc",))
+    merged["params"]["conv1"]["kernel"] = None
+    merged["params"]["fc"]["kernel"][...] = 0  # a copy of init's
+    merged["params"]["layer1"]["0"]["bn1"]["scale"][...] = 0  # a copy of loaded's
+    chex.assert_trees_all_equal((init, loaded), (before_init, before_loaded))
+    assert set(loaded["params"]) == set(before_loaded["params"])
+
+
+def test_merge_params_checks_against_shapes():
+    model = _tiny()
+    shapes = models.abstract_variables(model, 32)
+    loaded = jax.tree.map(lambda x: x.astype(np.float64), _random_variables(model, seed=1))
+    merged = models.merge_params(shapes, loaded, source="x")
+    chex.assert_type(jax.tree.leaves(merged), np.float32)
+    chex.assert_trees_all_close(merged, loaded)
+    del loaded["params"]["fc"]
+    with pytest.raises(ValueError, match="2 keys missing from the checkpoint"):
+        models.merge_params(shapes, loaded, source="x")
+    with pytest.raises(ValueError, match="need values, not shapes"):
+        models.merge_params(shapes, loaded, source="x", fresh=("fc",))
