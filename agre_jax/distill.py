@@ -379,23 +379,26 @@ def distill_step(
     )
     chex.assert_shape(t_logits, (ens.num_teachers, images.shape[0], mdl.student.num_classes))
 
-    # Student forward in training mode; momentum 0 makes the returned statistics exactly this
-    # batch's, which the Gram matrices hold constant and the running averages absorb below.
+    # Student forward in training mode. It returns the updated running statistics (torch's
+    # update: unbiased batch variance) and the moments this batch was normalised with, which
+    # the Gram matrices hold constant (models.TorchBatchNorm).
     need_pooled = cfg.grad_scope == "last_layer" and cfg.weighting in ("agre", "agre_batch")
     s_layers = tuple(n for n in models.LAYERS if n in layers or (n == "pooled" and need_pooled))
-    student_train = mdl.student.clone(bn_momentum=0.0, bn_axis_name=axis_name)
+    student_train = mdl.student.clone(bn_axis_name=axis_name)
 
     def forward(p):
         variables = {"params": p, "batch_stats": state.batch_stats}
-        logits, feats, bstats = models.apply_with_features(
-            student_train, variables, images, train=True, layers=s_layers
+        logits, feats, new_stats, moments = models.apply_with_features(
+            student_train, variables, images, train=True, layers=s_layers, moments=True
         )
-        return (logits, feats), bstats
+        return (logits, feats), (new_stats, moments)
 
-    (s_logits, s_feats), vjp_fn, batch_bn = jax.vjp(forward, state.params["student"], has_aux=True)
+    (s_logits, s_feats), vjp_fn, (batch_stats, batch_moments) = jax.vjp(
+        forward, state.params["student"], has_aux=True
+    )
 
     def logit_fn(p, x):
-        return mdl.student.apply({"params": p, "batch_stats": batch_bn}, x, train=False)
+        return mdl.student.apply({"params": p, "batch_stats": batch_moments}, x, train=False)
 
     rng_weights, rng_dropout = jax.random.split(rng)
     if axis_name is not None:
@@ -453,10 +456,6 @@ def distill_step(
         grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    momentum = mdl.student.bn_momentum
-    batch_stats = jax.tree.map(
-        lambda old, new: momentum * old + (1.0 - momentum) * new, state.batch_stats, batch_bn
-    )
 
     metrics.update(aux)
     metrics["loss"] = loss

@@ -237,10 +237,10 @@ def test_step_weights_use_this_batch_statistics():
     model = tiny_resnet(10)
     variables = models.init(model, jax.random.key(3), 8)
     images = jax.random.normal(jax.random.key(4), (B, 8, 8, 3))
-    train_logits, _, batch_bn = models.apply_with_features(
-        model.clone(bn_momentum=0.0), variables, images, train=True, layers=()
+    train_logits, _, _, moments = models.apply_with_features(
+        model, variables, images, train=True, layers=(), moments=True
     )
-    fixed = model.apply({"params": variables["params"], "batch_stats": batch_bn}, images)
+    fixed = model.apply({"params": variables["params"], "batch_stats": moments}, images)
     np.testing.assert_allclose(fixed, train_logits, atol=1e-5)
     cfg = distill.DistillConfig(weighting="agre", grad_scope="full", chunk_size=2)
     assert cfg.needs_gram
