@@ -20,9 +20,7 @@ def test_dataclass_defaults_agree_with_the_config():
     fields = {f.name for f in dataclasses.fields(distill.DistillConfig)}
     assert set(config.distill.keys()) == fields - {"teacher_map"}
     assert settings.dfr_config(config) == dfr.DFRConfig(seed=config.teachers.seed)
-    assert set(config.dfr.keys()) == {f.name for f in dataclasses.fields(dfr.DFRConfig)} - {
-        "seed"
-    }
+    assert set(config.dfr.keys()) == {f.name for f in dataclasses.fields(dfr.DFRConfig)} - {"seed"}
 
 
 @pytest.mark.parametrize("preset", ["synthetic", "waterbirds", "celeba"])
