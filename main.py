@@ -73,7 +73,16 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
         if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
             raise SystemExit(0) from e
         raise
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    except (
+        flags.Error,
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        OSError,
+        SyntaxError,
+        ImportError,
+    ) as e:
         print(f"error: {_flag_message(e)}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from e
 
@@ -92,6 +101,10 @@ def _flag_message(e: BaseException) -> str:
         text = f"cannot load the config file: {' '.join(lines[-1:])}"
     else:
         text = " ".join(lines)
+    if isinstance(e, SyntaxError | ImportError):
+        return f"cannot load the config file: {type(e).__name__}: {e}"
+    if "has no attribute 'get_config" in text:
+        return "the config file defines no get_config(); expected def get_config(arg=None)"
     if text.startswith("Unknown command line flag 'config."):
         key = text.split("'")[1].removeprefix("config.")
         text = f"unknown config key {key!r}; every key is declared in configs/default.py"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -65,7 +66,10 @@ class DistillConfig:
             if not ok:
                 raise ValueError(f"invalid distillation config: {what}")
 
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            f"temperature must be a finite number > 0, got {self.temperature}",
+        )
         check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         check(
             self.weighting in weighting.METHODS,
@@ -92,8 +96,8 @@ class DistillConfig:
         unknown = [n for n in names if n not in models.LAYERS]
         check(not unknown, f"unknown feature layers {unknown}; expected any of {models.LAYERS}")
         check(len(set(names)) == len(names), f"feature layers listed twice: {names}")
-        negative = {n: g for n, g in self.gammas if not g >= 0}
-        check(not negative, f"gammas must be >= 0, got {negative}")
+        negative = {n: g for n, g in self.gammas if not (g >= 0 and math.isfinite(g))}
+        check(not negative, f"gammas must be >= 0 and finite, got {negative}")
         check(
             self.feature_loss in losses.FEATURE_LOSSES,
             f"unknown feature_loss {self.feature_loss!r}; expected one of {losses.FEATURE_LOSSES}",

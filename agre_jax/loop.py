@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from agre_jax import workdir
+from agre_jax import errors, workdir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -227,7 +227,16 @@ class Loop:
             step = manager.latest_step() or 0
             if step:
                 abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.save_view(carry))
-                saved = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+                try:
+                    saved = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+                except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types
+                    raise errors.WorkdirError(
+                        f"cannot restore the {self.name} checkpoint at step {step} in "
+                        f"{self.directory / 'checkpoints' / str(step)} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); it is damaged: "
+                        "delete that step's folder to resume from an earlier checkpoint, or "
+                        "pass --overwrite to start the run's own stages again"
+                    ) from e
                 carry = self.load_view(saved)
                 print(f"[{self.name}] resuming from the checkpoint at step {step}/{total}")
             self._saved = step

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,6 +148,10 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
         value = _get(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{key} is {value!r}; expected an integer >= 1")
+    for key in ("seed", "teachers.seed"):
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            problems.append(f"{key} is {value!r}; expected an integer in [0, 2**31)")
     t = config.teachers
     m = num_teachers(config)
     if m < 1:
@@ -184,11 +189,22 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
             f"{pipeline.EVAL_TRANSFORMS}"
         )
     try:
-        tfds.builder_cls(config.data.name)
+        builder_cls = tfds.builder_cls(config.data.name)
     except Exception:  # noqa: BLE001 -- tfds raises its own not-found types
-        problems.append(
+        return problems + [
             f"data.name is {config.data.name!r}; expected one of {DATASETS} or another TFDS dataset"
+        ]
+    knobs = dict(config.data.builder) or None
+    try:  # builds the builder config, which checks its knobs
+        pipeline._canonical_config(builder_cls, knobs)  # noqa: SLF001
+    except (TypeError, ValueError) as e:
+        problems.append(
+            f"data.builder is {knobs}, which does not configure {config.data.name} ({e}); "
+            "expected the knobs of that dataset's builder config"
         )
+    data_dir = config.data.data_dir
+    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        problems.append(f"data.data_dir is {data_dir!r}, a file; expected a directory")
     return problems
 
 

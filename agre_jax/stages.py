@@ -159,6 +159,17 @@ def load_data(config: ml_collections.ConfigDict) -> Dataset:
     )
 
 
+def read_stage(directory: Path, read: Any) -> Any:
+    """`read()` of a finished stage's files; a damaged stage is a WorkdirError naming it."""
+    try:
+        return read()
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        raise WorkdirError(
+            f"the finished stage {directory} is damaged ({type(e).__name__}: {e}); remove "
+            "that directory and rerun to compute it again"
+        ) from e
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints read from disk (ported teachers, a ported biased model, init_from weights).
 
@@ -214,7 +225,8 @@ def load_checkpoint(path: str, key: str, image_size: int, compute_dtype: Any) ->
         model = model_from_provenance(info, compute_dtype)
         models.merge_params(_abstract(model, image_size), variables, source=path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{key}: {e}") from e
+        message = str(e) if path in str(e) else f"{path}: {e}"
+        raise CheckpointError(f"{key}: {message}") from e
     return Loaded(path, model, variables, info, checkpoints.digest(variables))
 
 
@@ -373,7 +385,7 @@ def teachers_stage(
     reused = wd.is_done(directory)
     if reused:
         print(f"[teachers] reusing {directory}")
-        seconds = wd.read_done(directory).get("seconds", 0.0)
+        seconds = read_stage(directory, lambda: wd.read_done(directory).get("seconds", 0.0))
     else:
         start = time.time()
         results = teachers.train_erm(
@@ -406,7 +418,9 @@ def teachers_stage(
         wd.mark_done(directory, {"teachers": names, "seconds": seconds})
     variables, members = [], []
     for name in names:
-        v, info = checkpoints.load_variables(directory / name)
+        v, info = read_stage(
+            directory, lambda name=name: checkpoints.load_variables(directory / name)
+        )
         variables.append(v)
         members.append(
             {
@@ -464,9 +478,13 @@ def dfr_stage(
     m = len(t.variables)
     if wd.is_done(directory):
         print(f"[dfr] reusing {directory}")
-        saved = np.load(directory / "heads.npz")
-        heads = [{"kernel": saved[f"kernel_{i}"], "bias": saved[f"bias_{i}"]} for i in range(m)]
-        done = wd.read_done(directory)
+
+        def read():
+            saved = np.load(directory / "heads.npz")
+            heads = [{"kernel": saved[f"kernel_{i}"], "bias": saved[f"bias_{i}"]} for i in range(m)]
+            return heads, wd.read_done(directory)
+
+        heads, done = read_stage(directory, read)
         record = StageRecord(done.get("seconds", 0.0), True, str(directory))
         return DFRHeads(heads, done["info"], key, directory, record)
     start = time.time()
@@ -609,9 +627,14 @@ def distill_stage(
         raise ConfigError(f"student and teachers do not fit together: {e}") from e
     if wd.is_done(directory):
         print(f"[distill] reusing {directory}")
-        best, _ = checkpoints.load_variables(directory / "student_best")
-        last, _ = checkpoints.load_variables(directory / "student_last")
-        done = wd.read_done(directory)
+        best, last, done = read_stage(
+            directory,
+            lambda: (
+                checkpoints.load_variables(directory / "student_best")[0],
+                checkpoints.load_variables(directory / "student_last")[0],
+                wd.read_done(directory),
+            ),
+        )
         record = StageRecord(done.get("seconds", 0.0), True, str(directory))
         return Student(best, last, done["val_wga"], done["epoch"], record)
     start = time.time()

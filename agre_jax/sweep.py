@@ -119,8 +119,12 @@ def spec_of(config: ml_collections.ConfigDict, source: str = "") -> dict[str, An
     if dupes:
         problems.append(f"duplicate variant names {dupes}")
     seeds = list(s.get("seeds", ()))
-    if not seeds or any(not isinstance(x, int) or isinstance(x, bool) for x in seeds):
-        problems.append(f"sweep.seeds must be a non-empty tuple of integers, got {seeds}")
+    if not seeds or any(
+        not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < 2**31 for x in seeds
+    ):
+        problems.append(
+            f"sweep.seeds must be a non-empty tuple of integers in [0, 2**31), got {seeds}"
+        )
     elif len(set(seeds)) != len(seeds):
         problems.append(f"sweep.seeds has duplicates: {seeds}")
     baseline = s.get("baseline", "")

@@ -42,8 +42,11 @@ def train_and_evaluate(
     run_layout = settings.validate(config)
     run_dir = Path(workdir)
     stage_dir = Path(config.stage_dir) if config.stage_dir else run_dir / "stages"
-    for path in (run_dir, stage_dir):
-        wd.check_writable(path)
+    for key, path in (("--workdir", run_dir), ("config.stage_dir", stage_dir)):
+        try:
+            wd.check_writable(path)
+        except errors.WorkdirError as e:
+            raise errors.WorkdirError(f"{key}: {e}") from e
     created = not run_dir.exists()
     try:
         with wd.lock(run_dir):

@@ -65,7 +65,7 @@ CONFIG_CASES = [
     (["--config.distill.alpha=1.5"], "alpha must be in [0, 1], got 1.5"),
     (["--config.distill.gammas.layer2=-0.1"], "gammas must be >= 0"),
     (["--config.distill.weighting=ae_kd"], "unknown weighting 'ae_kd'"),
-    (["--config.distill.temperature=0"], "temperature must be > 0"),
+    (["--config.distill.temperature=0"], "temperature must be a finite number > 0"),
     (["--config.distill.grad_scope=middle"], "unknown grad_scope 'middle'"),
     (["--config.distill.empty_rows=skip"], "unknown empty_rows 'skip'"),
     (["--config.distill.gram=fast"], "unknown gram 'fast'"),
@@ -102,6 +102,14 @@ CONFIG_CASES = [
     (["--config.train.optimizer.warmup_epochs=9"], "train.optimizer.warmup_epochs is 9"),
     (["--config.train.pmap=always", "--config.train.batch_size=18"], "does not divide over"),
     (["extra_argument"], "unexpected arguments ['extra_argument']"),
+    # Found by a fresh session trying the product as a new user:
+    (["--config.seed=-1"], "seed is -1; expected an integer in [0, 2**31)"),
+    (["--config.teachers.seed=99999999999999999999"], "teachers.seed is 99999999999999999999"),
+    (["--config.distill.temperature=inf"], "temperature must be a finite number > 0"),
+    (["--config.distill.gammas.layer3=inf"], "gammas must be >= 0 and finite"),
+    (["--config.data.builder.size=-1.0"], "does not configure spurious_shapes (Bad knobs"),
+    (["--config.data.name=colored_mnist"], "does not configure colored_mnist"),
+    (["--config.data.data_dir=/etc/hostname"], "data.data_dir is '/etc/hostname', a file"),
 ]
 
 
@@ -125,6 +133,27 @@ def test_config_file_mistakes(tmp_path, capsys, monkeypatch, config, message):
     monkeypatch.chdir(ROOT)
     code, _, err = run_main(["--config", config, "--workdir", str(tmp_path / "w")], capsys)
     assert_refused(code, err, message)
+
+
+def test_broken_config_files(tmp_path):
+    """In real processes: config_flags caches a loaded config module by name, so that a
+    second config file loaded in one process can be mistaken for the first."""
+    syntax = tmp_path / "syntax.py"
+    syntax.write_text("def get_config(:\n")
+    no_get = tmp_path / "noget.py"
+    no_get.write_text("X = 1\n")
+    for path, message in (
+        (syntax, "cannot load the config file: SyntaxError"),
+        (no_get, "the config file defines no get_config()"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "main.py", "--config", str(path), "--workdir", str(tmp_path / "w")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert_refused(proc.returncode, proc.stderr, message)
+    assert not (tmp_path / "w").exists()
 
 
 def test_missing_config_flag(capsys, monkeypatch):

@@ -210,3 +210,18 @@ def test_non_finite_loss_names_the_last_checkpoint(tmp_path):
     assert f"No checkpoint has been saved yet (the first is due at step 3/{TOTAL})" in str(
         info.value
     )
+
+
+def test_damaged_checkpoint_is_one_workdir_error(tmp_path):
+    """A checkpoint damaged on disk (here: every data file overwritten) is refused with one
+    message naming it and saying what to do, not orbax's tracebacks."""
+    from agre_jax import errors
+
+    with pytest.raises(Interrupted):
+        run(tmp_path, fail_at=14)
+    step_dir = tmp_path / "checkpoints" / "12"
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage" * 8)
+    with pytest.raises(errors.WorkdirError, match="cannot restore the toy checkpoint at step 12"):
+        run(tmp_path)

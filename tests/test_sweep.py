@@ -395,6 +395,7 @@ def test_bad_sweep_fields_are_refused(tmp_path):
         ({"sweep.baseline": "zzz"}, "baseline"),
         ({"sweep.seeds": (1, 1)}, "duplicates"),
         ({"sweep.seeds": ()}, "non-empty"),
+        ({"sweep.seeds": (-1,)}, r"integers in \[0, 2\*\*31\), got \[-1\]"),
         ({"sweep.only": "a,zzz"}, "unknown variants"),
     ):
         with pytest.raises(sweep.SweepError, match=message):

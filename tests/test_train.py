@@ -87,3 +87,17 @@ def test_stale_distillation_is_refused_then_replaced(tmp_path):
     assert directory.exists()
     stages.check_distill_inputs(directory, "new", overwrite=True)
     assert not directory.exists()
+
+
+def test_damaged_stage_is_one_workdir_error(run, tmp_path):
+    """A finished stage whose files were damaged is refused naming it, before any training."""
+    import shutil
+
+    work, _ = run
+    stage_dir = tmp_path / "stages"
+    shutil.copytree(work / "stages", stage_dir)
+    (next(stage_dir.glob("dfr-*")) / "heads.npz").write_bytes(b"garbage")
+    config = small_config()
+    config.stage_dir = str(stage_dir)
+    with pytest.raises(errors.WorkdirError, match="is damaged"):
+        train.train_and_evaluate(config, tmp_path / "w")
