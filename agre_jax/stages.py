@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -394,9 +395,7 @@ def teachers_stage(
             data=data,
             directory=directory,
             init=(
-                None
-                if init is None
-                else lambda v, path=init.path: _graft(v, init.variables, path, model)
+                None if init is None else lambda v, path=init.path: _graft(v, init.variables, path)
             ),
             progress=config.progress,
         )
@@ -438,7 +437,7 @@ def teachers_stage(
     )
 
 
-def _graft(fresh: dict, loaded: dict, path: str, model: models.ResNet) -> dict:
+def _graft(fresh: dict, loaded: dict, path: str) -> dict:
     """A teacher's fresh variables with the init_from backbone grafted on (its own head)."""
     try:
         return models.merge_params(fresh, loaded, source=path, fresh=("fc",))
@@ -605,8 +604,6 @@ def check_distill_inputs(directory: Path, key: str, overwrite: bool) -> None:
             "biased model or data changed content, with the same config); use another "
             "--workdir, or pass --overwrite to distil again"
         )
-    import shutil
-
     shutil.rmtree(directory)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from test_models import _random_variables  # He-scaled kernels, BN stats near (0, 1)
 
 import convert
 from agre_jax import models
@@ -40,27 +41,6 @@ def _variables(seed: int = 0) -> dict:
             "var": rng.uniform(0.5, 2.0, C).astype(np.float32),
         },
     }
-
-
-def _resnet_variables(model: models.ResNet) -> dict:
-    """Random variables of the right shapes (no compiled init): He-scaled kernels."""
-    shapes = jax.eval_shape(
-        functools.partial(model.init, train=False),
-        jax.random.key(0),
-        jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32),
-    )
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, size=leaf.shape).astype(np.float32)
-        return (0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, dict(shapes))
 
 
 def _torch_bn(variables: dict) -> torch.nn.BatchNorm2d:
@@ -192,7 +172,7 @@ def test_moments_reproduce_the_training_mode_output():
     """The statistics a training-mode pass normalised with, held fixed in eval mode, give the
     same logits; the running variance (momentum 0) is not them, but n / (n - 1) times them."""
     model = models.create("resnet18", 10, width=4, small_input=True)
-    variables = _resnet_variables(model)
+    variables = _random_variables(model)
     images = _images((6, 8, 8, 3), seed=6)  # layer4 is 1 x 1: n = 6
     logits, _, batch_stats, moments = models.apply_with_features(
         model.clone(bn_momentum=0.0), variables, images, train=True, layers=(), moments=True
