@@ -378,9 +378,11 @@ def distill_step(
     chex.assert_rank(images, 4)
     layers = cfg.feature_layers
     ens = mdl.ensemble
-    t_logits, t_feats, b_logits = ensemble_forward(
-        ens, frozen, images, layers, teacher_map=cfg.teacher_map
-    )
+    # Named scopes label the step's parts in profiles (benchmarks/profile_step.py).
+    with jax.named_scope("teachers"):
+        t_logits, t_feats, b_logits = ensemble_forward(
+            ens, frozen, images, layers, teacher_map=cfg.teacher_map
+        )
     chex.assert_shape(t_logits, (ens.num_teachers, images.shape[0], mdl.student.num_classes))
 
     # Student forward in training mode. It returns the updated running statistics (torch's
@@ -397,9 +399,10 @@ def distill_step(
         )
         return (logits, feats), (new_stats, moments)
 
-    (s_logits, s_feats), vjp_fn, (batch_stats, batch_moments) = jax.vjp(
-        forward, state.params["student"], has_aux=True
-    )
+    with jax.named_scope("student"):
+        (s_logits, s_feats), vjp_fn, (batch_stats, batch_moments) = jax.vjp(
+            forward, state.params["student"], has_aux=True
+        )
 
     def logit_fn(p, x):
         return mdl.student.apply({"params": p, "batch_stats": batch_moments}, x, train=False)
@@ -407,18 +410,19 @@ def distill_step(
     rng_weights, rng_dropout = jax.random.split(rng)
     if axis_name is not None:
         rng_dropout = jax.random.fold_in(rng_dropout, jax.lax.axis_index(axis_name))
-    weights, metrics = teacher_weights(
-        cfg,
-        s_logits=jax.lax.stop_gradient(s_logits),
-        t_logits=t_logits,
-        b_logits=b_logits,
-        rng=rng_weights,
-        logit_fn=logit_fn,
-        student_params=state.params["student"],
-        images=images,
-        pooled=s_feats.get("pooled"),
-        axis_name=axis_name,
-    )
+    with jax.named_scope("weighting"):
+        weights, metrics = teacher_weights(
+            cfg,
+            s_logits=jax.lax.stop_gradient(s_logits),
+            t_logits=t_logits,
+            b_logits=b_logits,
+            rng=rng_weights,
+            logit_fn=logit_fn,
+            student_params=state.params["student"],
+            images=images,
+            pooled=s_feats.get("pooled"),
+            axis_name=axis_name,
+        )
     weights = jax.lax.stop_gradient(weights)
     keep = jnp.sum(weights, axis=-1)  # 1, or 0 for dropped rows
 
@@ -451,15 +455,17 @@ def distill_step(
             aux.update({f"feat/{k}": v for k, v in per_layer.items()})
         return loss, aux
 
-    (loss, aux), (g_adapters, g_logits, g_feats) = jax.value_and_grad(
-        head_loss, argnums=(0, 1, 2), has_aux=True
-    )(state.params["adapters"], s_logits, s_feats)
+    with jax.named_scope("loss"):
+        (loss, aux), (g_adapters, g_logits, g_feats) = jax.value_and_grad(
+            head_loss, argnums=(0, 1, 2), has_aux=True
+        )(state.params["adapters"], s_logits, s_feats)
     (g_student,) = vjp_fn((g_logits, g_feats))
     grads = {"student": g_student, "adapters": g_adapters}
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
 
     metrics.update(aux)
     metrics["loss"] = loss

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import normalization as _flax_norm
+from jax import lax
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4", "pooled")
 SPATIAL_LAYERS = LAYERS[:4]
@@ -151,6 +152,132 @@ def _count_per_channel(
     return n
 
 
+# ---------------------------------------------------------------------------------------------
+# Convolutions on small maps.
+
+CONV_IMPLS = ("auto", "lax")
+# Largest output map (Ho * Wo) that `conv_general_dilated` computes from shifted slices.
+# XLA:CPU's convolution falls off a cliff when the map is as small as the kernel: a 3x3
+# conv, stride 1, on a 2 x 2 x 512 map (layer4 of a ResNet at 64 px) took 730 ms forward and
+# 840 ms forward + backward for a batch of 32 against 8.5 / 25 ms from slices (2-core CPU),
+# and the stride-2 3x3 conv into a 2 x 2 map has the same cliff in its backward pass (835 ms
+# against 26 ms at 512 channels). At 4 x 4 outputs both ways cost about the same.
+SLICES_MAX_OUTPUT = 4
+_NHWC = lax.ConvDimensionNumbers(
+    lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
+
+
+def _explicit(padding: Any, ndim: int) -> tuple[tuple[int, int], ...] | None:
+    if isinstance(padding, str):
+        return ((0, 0),) * ndim if padding == "VALID" else None
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def conv_by_slices(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """A 2-D convolution as shifted slices of the padded input and one dot_general.
+
+    Equal to `lax.conv_general_dilated(x, kernel, strides, padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))` up to float summation order (tests check
+    values and gradients against it). Each kernel tap (a, b) contributes the strided slice
+    of the padded input it sees; the slices are concatenated on the channel axis
+    ([B, Ho, Wo, T * C]) and contracted with the kernel's [T * C, O] rows in one matmul.
+    Taps whose slice lies entirely in the padding are left out (they add zeros): a 3x3
+    kernel on a 1 x 1 map is one tap. Cost: B * Ho * Wo * T * C * O multiply-adds, the
+    convolution's own count, plus copies of the input that grow with T, hence only for small
+    maps (`SLICES_MAX_OUTPUT`).
+
+    Args:
+      x: [B, H, W, C] input.
+      kernel: [kh, kw, C, O].
+      strides: (sh, sw).
+      padding: ((top, bottom), (left, right)), explicit.
+      precision: passed to the dot.
+
+    Returns:
+      [B, Ho, Wo, O] in x's dtype (promoted with the kernel's, as lax.conv).
+    """
+    chex.assert_rank([x, kernel], 4)
+    _, h, w, _ = x.shape
+    kh, kw, c, o = kernel.shape
+    (pt, pb), (pl, pr) = padding
+    sh, sw = strides
+    ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"kernel {kernel.shape[:2]} larger than padded input {x.shape[1:3]}")
+
+    def live(start: int, step: int, count: int, lo: int, size: int) -> bool:
+        # Does row (or column) start, start + step, ... of the padded input hit real input?
+        return any(lo <= start + k * step < lo + size for k in range(count))
+
+    taps = [
+        (a, b)
+        for a in range(kh)
+        for b in range(kw)
+        if live(a, sh, ho, pt, h) and live(b, sw, wo, pl, w)
+    ]
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    cols = [
+        xp[:, a : a + sh * (ho - 1) + 1 : sh, b : b + sw * (wo - 1) + 1 : sw, :] for a, b in taps
+    ]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    rows = jnp.concatenate([kernel[a, b] for a, b in taps], axis=0)  # [T * C, O]
+    return lax.dot_general(patches, rows, (((3,), (0,)), ((), ())), precision=precision)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """`lax.conv_general_dilated`, with outputs of at most SLICES_MAX_OUTPUT positions
+    computed by `conv_by_slices` (an NHWC/HWIO kernel larger than 1 x 1, no dilation, no
+    groups). The path is chosen statically from the shapes. Given to flax's `nn.Conv` as its
+    `conv_general_dilated`, so that parameters, initialisation and checkpoints stay nn.Conv's.
+    """
+    pads = _explicit(padding, lhs.ndim - 2)
+    plain = (
+        lhs.ndim == 4
+        and pads is not None
+        and dimension_numbers == _NHWC
+        and feature_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+        and not kwargs
+        and rhs.shape[0] * rhs.shape[1] > 1
+    )
+    if plain:
+        (pt, pb), (pl, pr) = pads
+        ho = (lhs.shape[1] + pt + pb - rhs.shape[0]) // window_strides[0] + 1
+        wo = (lhs.shape[2] + pl + pr - rhs.shape[1]) // window_strides[1] + 1
+        if 0 < ho * wo <= SLICES_MAX_OUTPUT:
+            return conv_by_slices(lhs, rhs, window_strides, pads, precision)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
+    )
+
+
 class BasicBlock(nn.Module):
     """torchvision BasicBlock: two 3x3 convs, expansion 1."""
 
@@ -250,6 +377,9 @@ class ResNet(nn.Module):
       dtype: compute dtype (bfloat16 on GPUs); parameters stay float32 and logits are float32.
       bn_momentum: flax BatchNorm momentum (0.9 == torch's 0.1).
       bn_axis_name: pmap axis for cross-replica BatchNorm statistics; None outside pmap.
+      conv_impl: 'auto' (convolutions into small maps from shifted slices, see
+        `conv_general_dilated`) or 'lax' (always `lax.conv_general_dilated`). Same parameters
+        and, up to float summation order, the same outputs.
     """
 
     stage_sizes: Sequence[int]
@@ -260,13 +390,17 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = BN_MOMENTUM
     bn_axis_name: str | None = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """[B, H, W, 3] images -> [B, num_classes] float32 logits."""
         chex.assert_rank(x, 4)
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"unknown conv_impl {self.conv_impl!r}; expected one of {CONV_IMPLS}")
         conv = functools.partial(
             nn.Conv,
+            conv_general_dilated=conv_general_dilated if self.conv_impl == "auto" else None,
             use_bias=False,
             dtype=self.dtype,
             param_dtype=jnp.float32,
@@ -362,10 +496,33 @@ def map_stacked(fn: Callable[[Any], Any], stacked: Any, how: str = "unroll") -> 
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
+# XLA options of the one-off initialisation: without optimisation its compile takes 2.5 s
+# instead of 14 s (ResNet-18, 2-core CPU, most of it the threefry kernels of ~60 parameter
+# initialisers), at the same values up to float rounding (6e-8 measured).
+_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(model: ResNet, image_size: int, rng_type: Any) -> Any:
+    def fn(rng):
+        dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        return model.init(rng, dummy, train=False)
+
+    return jax.jit(fn).lower(rng_type).compile(compiler_options=_INIT_COMPILER_OPTIONS)
+
+
 def init(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
-    """Initial variables {'params', 'batch_stats'} for [1, image_size, image_size, 3] inputs."""
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return dict(jax.jit(functools.partial(model.init, train=False))(rng, dummy))
+    """Initial variables {'params', 'batch_stats'} for [1, image_size, image_size, 3] inputs.
+
+    Compiled once per (model, image size, key type) and reused: a run initialises M teachers
+    and a student of often the same architecture. Under a trace (jit, eval_shape), plain
+    `model.init`.
+    """
+    if isinstance(rng, jax.core.Tracer):
+        dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        return dict(model.init(rng, dummy, train=False))
+    rng_type = jax.ShapeDtypeStruct(rng.shape, rng.dtype)
+    return dict(_compiled_init(model, image_size, rng_type)(rng))
 
 
 def abstract_variables(model: ResNet, image_size: int) -> dict[str, Any]:

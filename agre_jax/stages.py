@@ -224,15 +224,11 @@ def load_checkpoint(path: str, key: str, image_size: int, compute_dtype: Any) ->
                 f"{info.get('num_classes')!r}; expected one of {models.ARCHS} and an integer"
             )
         model = model_from_provenance(info, compute_dtype)
-        models.merge_params(_abstract(model, image_size), variables, source=path)
+        models.merge_params(models.abstract_variables(model, image_size), variables, source=path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         message = str(e) if path in str(e) else f"{path}: {e}"
         raise CheckpointError(f"{key}: {message}") from e
     return Loaded(path, model, variables, info, checkpoints.digest(variables))
-
-
-def _abstract(model: models.ResNet, image_size: int) -> Any:
-    return jax.eval_shape(lambda: models.init(model, jax.random.key(0), image_size))
 
 
 def init_variables(
@@ -781,15 +777,35 @@ def teacher_test_logits(data: Dataset, t: Teachers, heads: DFRHeads) -> dict[str
     path = heads.directory / "test_logits.npz"
     if path.exists():
         return dict(np.load(path))
-    logits_fn = teachers.stacked_logits_fn(t.model, "unroll")
-    dfr_vars = [with_head(v, h) for v, h in zip(t.variables, heads.heads, strict=True)]
-    out = {}
-    for name, variables in (("erm", t.variables), ("dfr", dfr_vars)):
-        got = evaluation.collect(
-            functools.partial(logits_fn, distill.stack_variables(variables)),
-            data.eval_batches("test"),
-        )
-        out[name], out["label"], out["group"] = got["output"], got["label"], got["group"]
+    model = t.model
+    kernel = jnp.stack([jnp.asarray(h["kernel"]) for h in heads.heads])  # [M, D, C]
+    bias = jnp.stack([jnp.asarray(h["bias"]) for h in heads.heads])  # [M, C]
+
+    @jax.jit
+    def both_heads(stacked, images):
+        # One backbone forward for both: the DFR head sees the same pooled features as `fc`.
+        def one(v):
+            logits, feats = models.apply_with_features(model, v, images, layers=("pooled",))
+            return logits, feats["pooled"]
+
+        erm, pooled = models.map_stacked(one, stacked, "unroll")  # [M, B, C], [M, B, D]
+        dt = model.dtype  # as flax's Dense computes `fc`
+        dfr = jnp.einsum("mbd,mdc->mbc", pooled.astype(dt), kernel.astype(dt)) + bias[
+            :, None
+        ].astype(dt)
+        return jnp.concatenate([erm, dfr.astype(jnp.float32)], axis=-1)
+
+    got = evaluation.collect(
+        functools.partial(both_heads, distill.stack_variables(t.variables)),
+        data.eval_batches("test"),
+    )
+    c = data.num_classes
+    out = {
+        "erm": got["output"][..., :c],
+        "dfr": got["output"][..., c:],
+        "label": got["label"],
+        "group": got["group"],
+    }
     tmp = heads.directory / ".test_logits.tmp.npz"
     np.savez(tmp, **out)
     tmp.replace(path)

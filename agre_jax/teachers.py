@@ -54,8 +54,12 @@ def erm_step(
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return ce, (new_state["batch_stats"], jnp.mean(jnp.argmax(logits, -1) == labels))
 
-        (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        with jax.named_scope("teacher"):  # labels the profile (benchmarks/profile_step.py)
+            (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params
+            )
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = ModelState(optax.apply_updates(state.params, updates), batch_stats, opt_state)
         return new, (loss, acc)
 

@@ -343,3 +343,21 @@ def test_merge_params_checks_against_shapes():
         models.merge_params(shapes, loaded, source="x")
     with pytest.raises(ValueError, match="need values, not shapes"):
         models.merge_params(shapes, loaded, source="x", fresh=("fc",))
+
+
+def test_init_compiles_once_and_equals_flax_init():
+    """models.init (compiled without XLA optimisation, cached per model and size) gives
+    flax's `model.init` values up to float rounding, and a second key reuses the compile."""
+    model = models.create("resnet18", 2, width=4, small_input=True)
+    models._compiled_init.cache_clear()
+    ours = models.init(model, jax.random.key(3), 16)
+    again = models.init(model, jax.random.key(4), 16)
+    assert models._compiled_init.cache_info().misses == 1
+    assert models._compiled_init.cache_info().hits == 1
+    dummy = jnp.zeros((1, 16, 16, 3), jnp.float32)
+    flax_init = jax.jit(functools.partial(model.init, train=False))
+    chex.assert_trees_all_close(ours, dict(flax_init(jax.random.key(3), dummy)), atol=1e-6)
+    chex.assert_trees_all_close(again, dict(flax_init(jax.random.key(4), dummy)), atol=1e-6)
+    # Under a trace it is plain flax init (no compile of its own).
+    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0), 16))
+    assert jax.tree.structure(shapes) == jax.tree.structure(ours)

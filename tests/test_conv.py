@@ -1,0 +1,182 @@
+"""The small-map convolution path (models.conv_general_dilated / conv_by_slices) against
+`lax.conv_general_dilated`: values and gradients, for every convolution the ResNets route to
+it, and whole ResNets with conv_impl 'auto' against 'lax'."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from agre_jax import models
+
+TOL = 1e-5  # relative to the largest magnitude of the reference
+
+
+def _close(actual, expected, what: str, tol: float = TOL) -> None:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    err = float(np.abs(actual - expected).max()) / scale
+    assert actual.shape == expected.shape, what
+    assert err <= tol, f"{what}: max error {err:.2e} of the reference's magnitude"
+
+
+def _routed_convs() -> set[tuple]:
+    """(input shape, kernel shape, strides, padding) of every convolution that ResNet-18/34/50
+    (width 8) route to conv_by_slices at 16, 32, 64 and 224 px, with either stem."""
+    seen = set()
+    real = models.conv_by_slices
+
+    def record(x, kernel, strides, padding, precision=None):
+        seen.add((x.shape[1:], kernel.shape, tuple(strides), tuple(map(tuple, padding))))
+        return real(x, kernel, strides, padding, precision)
+
+    models.conv_by_slices = record
+    try:
+        for arch in models.ARCHS:
+            for small in (False, True):
+                model = models.create(arch, 2, width=8, small_input=small)
+                for size in (16, 32, 64, 224):
+                    jax.eval_shape(
+                        functools.partial(model.init, train=False),
+                        jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+                    )
+    finally:
+        models.conv_by_slices = real
+    return seen
+
+
+ROUTED = sorted(_routed_convs())
+
+
+def test_the_resnets_route_their_small_map_convs():
+    # At 64 px with the ImageNet stem layer4 is 2 x 2: its 3x3 convs (stride 1 on 2 x 2 and
+    # stride 2 from 4 x 4) are routed; 1x1 convs never are.
+    kernels = {(k[:2], s) for _, k, s, _ in ROUTED}
+    assert ((3, 3), (1, 1)) in kernels and ((3, 3), (2, 2)) in kernels
+    assert all(k[:2] != (1, 1) for _, k, _, _ in ROUTED)
+    assert len(ROUTED) >= 6
+
+
+@pytest.mark.parametrize("case", ROUTED, ids=lambda c: f"in{c[0]}_k{c[1]}_s{c[2]}_p{c[3]}")
+def test_conv_by_slices_equals_lax_conv(case):
+    """Values and both gradients, on every convolution shape the ResNets route (channels cut
+    to 8 / 12 to keep it quick: the path does not depend on them)."""
+    in_shape, kernel_shape, strides, padding = case
+    (h, w, _), (kh, kw, _, _) = in_shape, kernel_shape
+    x = jax.random.normal(jax.random.key(0), (3, h, w, 8))
+    kernel = jax.random.normal(jax.random.key(1), (kh, kw, 8, 12))
+    cot_key = jax.random.key(2)
+
+    def ref(x, k):
+        return lax.conv_general_dilated(
+            x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def ours(x, k):
+        return models.conv_by_slices(x, k, strides, padding)
+
+    expected, vjp_ref = jax.vjp(ref, x, kernel)
+    actual, vjp_ours = jax.vjp(ours, x, kernel)
+    _close(actual, expected, "values")
+    cot = jax.random.normal(cot_key, expected.shape)
+    for name, a, e in zip(("d input", "d kernel"), vjp_ours(cot), vjp_ref(cot), strict=True):
+        _close(a, e, name)
+
+
+@pytest.mark.parametrize(
+    "h, k, stride, pad",
+    [(1, 3, 1, 1), (2, 3, 1, 1), (2, 3, 2, 1), (3, 3, 2, 1), (2, 2, 1, 0), (4, 7, 2, 3)],
+)
+def test_conv_by_slices_other_shapes(h, k, stride, pad):
+    """Shapes beyond the ResNets': odd maps, even kernels, a 7x7 stem on a tiny image, and
+    taps wholly in the padding (left out)."""
+    x = jax.random.normal(jax.random.key(3), (2, h, h + 1, 5))
+    kernel = jax.random.normal(jax.random.key(4), (k, k, 5, 7))
+    padding = ((pad, pad), (pad, pad))
+    expected = lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    _close(models.conv_by_slices(x, kernel, (stride, stride), padding), expected, "values")
+    grad = jax.grad(lambda k_: jnp.sum(models.conv_by_slices(x, k_, (stride,) * 2, padding) ** 2))
+    grad_ref = jax.grad(
+        lambda k_: jnp.sum(
+            lax.conv_general_dilated(
+                x, k_, (stride,) * 2, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            ** 2
+        )
+    )
+    _close(grad(kernel), grad_ref(kernel), "d kernel")
+
+
+def _primitives(fn, *args) -> set[str]:
+    return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).eqns}
+
+
+def test_path_is_chosen_from_the_shapes():
+    conv = functools.partial(
+        models.conv_general_dilated,
+        window_strides=(1, 1),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)),
+    )
+    kernel = jnp.zeros((3, 3, 4, 4))
+    assert "conv_general_dilated" not in _primitives(conv, jnp.zeros((1, 2, 2, 4)), kernel)
+    assert "conv_general_dilated" in _primitives(conv, jnp.zeros((1, 8, 8, 4)), kernel)
+    # 1x1 kernels and grouped convs keep lax's convolution.
+    assert "conv_general_dilated" in _primitives(
+        conv, jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 1, 4, 4))
+    )
+    grouped = functools.partial(conv, feature_group_count=2)
+    assert "conv_general_dilated" in _primitives(
+        grouped, jnp.zeros((1, 2, 2, 4)), jnp.zeros((3, 3, 2, 4))
+    )
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnet_auto_equals_lax(arch):
+    """A whole ResNet at 64 px (layer4 on 2 x 2 maps): logits, captured features and every
+    parameter gradient of conv_impl 'auto' equal 'lax''s; same parameter tree. Computed in
+    float64, where the two summation orders agree to ~1e-14 (in float32 the gradients of the
+    50-layer network differ by rounding, up to ~3e-5 of their magnitude)."""
+    auto = models.create(arch, 3, width=4)
+    plain = models.create(arch, 3, width=4, conv_impl="lax")
+    variables = models.init(auto, jax.random.key(0), 64)
+    assert jax.tree.structure(variables) == jax.tree.structure(models.abstract_variables(plain, 64))
+    with jax.enable_x64(True):
+        variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
+        images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3), jnp.float64)
+
+        def run(model):
+            model = model.clone(dtype=jnp.float64)
+
+            def loss(params):
+                logits, feats = models.apply_with_features(
+                    model, {"params": params, "batch_stats": variables["batch_stats"]}, images
+                )
+                return jnp.sum(jnp.sin(logits)), (logits, feats)
+
+            return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+        (g_auto, (l_auto, f_auto)), (g_lax, (l_lax, f_lax)) = run(auto), run(plain)
+    for name in models.LAYERS:
+        assert f_auto[name].dtype == jnp.float64
+        _close(f_auto[name], f_lax[name], name, tol=1e-10)
+    # Logits leave the network as float32 (one rounding: a last-bit difference at most).
+    _close(l_auto, l_lax, "logits", tol=1e-6)
+    for (path, a), e in zip(
+        jax.tree_util.tree_leaves_with_path(g_auto), jax.tree.leaves(g_lax), strict=True
+    ):
+        _close(a, e, jax.tree_util.keystr(path), tol=1e-6)
+
+
+def test_unknown_conv_impl():
+    model = models.create("resnet18", 2, width=4, conv_impl="fast")
+    with pytest.raises(ValueError, match="unknown conv_impl 'fast'"):
+        models.abstract_variables(model, 16)
