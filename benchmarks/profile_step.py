@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import os
 import re
 import statistics
 import sys
@@ -43,6 +44,13 @@ import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+try:  # before TensorFlow (imported by agre_jax.settings): the other order segfaults
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
 
 from agre_jax import distill, models, optim, settings, teachers  # noqa: E402
 from configs import multilayer_c  # noqa: E402
@@ -70,11 +78,13 @@ def config_for(preset: str, weighting: str | None) -> Any:
     return c
 
 
-def build(c: Any, what: str, num_classes: int) -> tuple[Any, tuple[Any, ...]]:
+def build(
+    c: Any, what: str, num_classes: int, conv_impl: str = "auto"
+) -> tuple[Any, tuple[Any, ...]]:
     """(jitted step, its arguments) for the config's shapes, on random data."""
     size, dtype = c.data.image_size, settings.dtype(c.dtype)
-    teacher = settings.model(c.teachers, num_classes, dtype)
-    student = settings.model(c.student, num_classes, dtype)
+    teacher = settings.model(c.teachers, num_classes, dtype).clone(conv_impl=conv_impl)
+    student = settings.model(c.student, num_classes, dtype).clone(conv_impl=conv_impl)
     m, b = c.teachers.num, c.train.batch_size
     key = jax.random.key(0)
     images = jax.random.normal(key, (b, size, size, 3))
@@ -225,6 +235,29 @@ def profile(step: Any, args: tuple[Any, ...], steps: int, trace_steps: int) -> d
     )
 
 
+def torch_student_seconds(c: Any, num_classes: int, steps: int, threads: int) -> float:
+    """Median seconds of the same student forward + backward (training mode, cross-entropy)
+    in PyTorch on `threads` threads, from the same initial weights (benchmarks/step.py's
+    torchvision port)."""
+    import step as step_bench  # benchmarks/step.py
+    import torch
+
+    torch.set_num_threads(threads)
+    student = settings.model(c.student, num_classes, jnp.float32)
+    size, b = c.data.image_size, c.train.batch_size
+    net = step_bench.torch_model(student, models.init(student, jax.random.key(0), size)).train()
+    images = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(b) % num_classes
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        net.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(images), labels).backward()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _table(title: str, rows: list[tuple], total: float, step_s: float, headers: tuple) -> None:
     print(f"\n**{title}**\n")
     print("| " + " | ".join(headers) + " | ms / step | % of op time |")
@@ -239,9 +272,15 @@ def main() -> None:
     parser.add_argument("--what", nargs="+", default=list(WHAT), choices=WHAT)
     parser.add_argument("--weighting", default=None, help="override distill.weighting")
     parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--conv-impl", default="auto", choices=models.CONV_IMPLS)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     parser.add_argument("--trace-steps", type=int, default=2, help="profiled steps")
     parser.add_argument("--top", type=int, default=20, help="rows of the top-ops table")
+    parser.add_argument(
+        "--compare-torch",
+        action="store_true",
+        help="time the same `student` forward + backward in PyTorch (threads: the cores)",
+    )
     args = parser.parse_args()
     c = config_for(args.preset, args.weighting)
     print(
@@ -249,16 +288,23 @@ def main() -> None:
         f"preset {args.preset}: {c.data.image_size} px, {c.teachers.num} x {c.teachers.arch} "
         f"-> {c.student.arch}, width {c.teachers.width}/{c.student.width}, small_input "
         f"{c.teachers.small_input}, batch {c.train.batch_size}, weighting "
-        f"{c.distill.weighting}, {args.classes} classes"
+        f"{c.distill.weighting}, {args.classes} classes, conv_impl {args.conv_impl}"
     )
     for what in args.what:
-        step, step_args = build(c, what, args.classes)
+        step, step_args = build(c, what, args.classes, args.conv_impl)
         r = profile(step, step_args, args.steps, args.trace_steps)
         total = sum(r["per_op"].values())
         print(
             f"\n## {what}: step {r['step_s']:.3f} s (median of {args.steps}), compile "
             f"{r['compile_s']:.1f} s, op time {total:.3f} s / step (summed over threads)"
         )
+        if args.compare_torch and what == "student":
+            threads = len(os.sched_getaffinity(0))
+            t = torch_student_seconds(c, args.classes, args.steps, threads)
+            print(
+                f"PyTorch ({threads} threads), same forward + backward: {t:.3f} s; ours / "
+                f"torch {r['step_s'] / t:.2f}"
+            )
         by_part: dict[tuple, float] = collections.defaultdict(float)
         by_layer: dict[tuple, float] = collections.defaultdict(float)
         tops = []

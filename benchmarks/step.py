@@ -106,7 +106,9 @@ def build(
     negated head. The M teachers are copies of one initialisation unless `distinct_teachers`.
     """
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    opts = dict(width=args.width, small_input=args.small_input, dtype=dtype)
+    opts = dict(
+        width=args.width, small_input=args.small_input, dtype=dtype, conv_impl=args.conv_impl
+    )
     teacher = models.create(args.teacher_arch, num_classes, **opts)
     student = models.create(args.student_arch, num_classes, **opts)
     rng = jax.random.key(0)
@@ -501,6 +503,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"feature gamma on pooled (default 0, {GAMMA_POOLED_TORCH} with --compare-torch)",
     )
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--conv-impl",
+        default="auto",
+        choices=models.CONV_IMPLS,
+        help="our convolutions: 'auto' (small maps from shifted slices) or 'lax' (before)",
+    )
     parser.add_argument(
         "--compare-torch",
         action="store_true",

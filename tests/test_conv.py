@@ -25,17 +25,22 @@ def _close(actual, expected, what: str, tol: float = TOL) -> None:
     assert err <= tol, f"{what}: max error {err:.2e} of the reference's magnitude"
 
 
-def _routed_convs() -> set[tuple]:
-    """(input shape, kernel shape, strides, padding) of every convolution that ResNet-18/34/50
-    (width 8) route to conv_by_slices at 16, 32, 64 and 224 px, with either stem."""
-    seen = set()
-    real = models.conv_by_slices
+def _routed_convs() -> dict[str, set[tuple]]:
+    """{path: {(input shape, kernel shape, strides, padding)}} of every convolution that
+    ResNet-18/34/50 (width 8) route to conv_by_slices ('slices') or conv_few_channels
+    ('few_channels') at 16, 32, 64 and 224 px, with either stem."""
+    seen: dict[str, set[tuple]] = {"slices": set(), "few_channels": set()}
+    real = {"slices": models.conv_by_slices, "few_channels": models.conv_few_channels}
 
-    def record(x, kernel, strides, padding, precision=None):
-        seen.add((x.shape[1:], kernel.shape, tuple(strides), tuple(map(tuple, padding))))
-        return real(x, kernel, strides, padding, precision)
+    def recorder(path):
+        def record(x, kernel, strides, padding, precision=None):
+            seen[path].add((x.shape[1:], kernel.shape, tuple(strides), tuple(map(tuple, padding))))
+            return real[path](x, kernel, strides, padding, precision)
 
-    models.conv_by_slices = record
+        return record
+
+    models.conv_by_slices = recorder("slices")
+    models.conv_few_channels = recorder("few_channels")
     try:
         for arch in models.ARCHS:
             for small in (False, True):
@@ -47,11 +52,14 @@ def _routed_convs() -> set[tuple]:
                         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
                     )
     finally:
-        models.conv_by_slices = real
+        models.conv_by_slices = real["slices"]
+        models.conv_few_channels = real["few_channels"]
     return seen
 
 
-ROUTED = sorted(_routed_convs())
+_ROUTES = _routed_convs()
+ROUTED = sorted(_ROUTES["slices"])
+FEW_CHANNELS = sorted(_ROUTES["few_channels"])
 
 
 def test_the_resnets_route_their_small_map_convs():
@@ -61,6 +69,43 @@ def test_the_resnets_route_their_small_map_convs():
     assert ((3, 3), (1, 1)) in kernels and ((3, 3), (2, 2)) in kernels
     assert all(k[:2] != (1, 1) for _, k, _, _ in ROUTED)
     assert len(ROUTED) >= 6
+    # The stems on RGB images (7x7 stride 2 and the small-input 3x3) take the few-channel path.
+    stems = {(k[:2], s) for _, k, s, _ in FEW_CHANNELS}
+    assert stems == {((7, 7), (2, 2)), ((3, 3), (1, 1))}
+    assert all(shape[-1] == 3 for shape, _, _, _ in FEW_CHANNELS)
+
+
+def _lax(strides, padding):
+    return functools.partial(
+        lax.conv_general_dilated,
+        window_strides=strides,
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+@pytest.mark.parametrize("case", FEW_CHANNELS, ids=lambda c: f"in{c[0]}_k{c[1]}_s{c[2]}_p{c[3]}")
+def test_conv_few_channels_equals_lax_conv(case):
+    """Every stem shape the ResNets route there (16 to 224 px): values and both gradients,
+    inside jit and under vmap (per-sample gradients, gram='vmap')."""
+    in_shape, kernel_shape, strides, padding = case
+    x = jax.random.normal(jax.random.key(0), (2, *in_shape))
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape[:3] + (5,))
+    ref = _lax(strides, padding)
+    ours = jax.jit(functools.partial(models.conv_few_channels, strides=strides, padding=padding))
+    expected, vjp_ref = jax.vjp(lambda a, b: ref(a, b), x, kernel)
+    actual, vjp_ours = jax.vjp(ours, x, kernel)
+    _close(actual, expected, "values")
+    cot = jax.random.normal(jax.random.key(2), expected.shape)
+    for name, a, e in zip(("d input", "d kernel"), vjp_ours(cot), vjp_ref(cot), strict=True):
+        _close(a, e, name)
+
+    def per_sample(conv):
+        return jax.vmap(
+            jax.grad(lambda k, xi: jnp.sum(conv(xi[None], k) * cot[:1])), in_axes=(None, 0)
+        )(kernel, x)
+
+    _close(per_sample(ours), per_sample(lambda a, b: ref(a, b)), "per-sample d kernel")
 
 
 @pytest.mark.parametrize("case", ROUTED, ids=lambda c: f"in{c[0]}_k{c[1]}_s{c[2]}_p{c[3]}")
@@ -126,16 +171,19 @@ def test_path_is_chosen_from_the_shapes():
         padding=((1, 1), (1, 1)),
         dimension_numbers=lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)),
     )
-    kernel = jnp.zeros((3, 3, 4, 4))
-    assert "conv_general_dilated" not in _primitives(conv, jnp.zeros((1, 2, 2, 4)), kernel)
-    assert "conv_general_dilated" in _primitives(conv, jnp.zeros((1, 8, 8, 4)), kernel)
+    kernel = jnp.zeros((3, 3, 8, 8))
+    assert _primitives(conv, jnp.zeros((1, 2, 2, 8)), kernel) & {"dot_general"}
+    assert "conv_general_dilated" not in _primitives(conv, jnp.zeros((1, 2, 2, 8)), kernel)
+    assert "conv_general_dilated" in _primitives(conv, jnp.zeros((1, 8, 8, 8)), kernel)
+    few = _primitives(conv, jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 8)))
+    assert "custom_vjp_call" in few and "conv_general_dilated" not in few
     # 1x1 kernels and grouped convs keep lax's convolution.
     assert "conv_general_dilated" in _primitives(
-        conv, jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 1, 4, 4))
+        conv, jnp.zeros((1, 2, 2, 8)), jnp.zeros((1, 1, 8, 8))
     )
     grouped = functools.partial(conv, feature_group_count=2)
     assert "conv_general_dilated" in _primitives(
-        grouped, jnp.zeros((1, 2, 2, 4)), jnp.zeros((3, 3, 2, 4))
+        grouped, jnp.zeros((1, 2, 2, 8)), jnp.zeros((3, 3, 4, 8))
     )
 
 
