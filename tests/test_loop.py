@@ -74,7 +74,8 @@ def evaluate(carry, epoch):
     return {**carry, "best_loss": best}, {"loss": float(loss), "best_loss": float(best)}
 
 
-def run(directory, **step_kwargs):
+def run(directory, input_chunk=None, batches=batches, **step_kwargs):
+    chunk = {} if input_chunk is None else {"input_chunk": input_chunk}
     stage = loop.Loop(
         name="toy",
         directory=directory,
@@ -87,6 +88,7 @@ def run(directory, **step_kwargs):
         checkpoint_every=CHECKPOINT_EVERY,
         log_every=LOG_EVERY,
         progress=False,
+        **chunk,
     )
     carry = stage.run(init())
     return stage, carry
@@ -225,3 +227,45 @@ def test_damaged_checkpoint_is_one_workdir_error(tmp_path):
             f.write_bytes(b"\x00garbage" * 8)
     with pytest.raises(errors.WorkdirError, match="cannot restore the toy checkpoint at step 12"):
         run(tmp_path)
+
+
+def test_input_is_pulled_in_chunks_with_the_device_idle(tmp_path, reference):
+    """input_chunk 3: batches are pulled three at a time, each chunk after the steps before
+    it (CPU: tf.data's threads then never compete with XLA's); same run as pulling them one
+    by one (input_chunk 0)."""
+    events = []
+
+    def logged(epoch, start):
+        for i, batch in enumerate(batches(epoch, start)):
+            events.append(("pull", epoch, start + i))
+            yield batch
+
+    def step(carry, batch, global_step):
+        events.append(("step", global_step))
+        return _update(carry, *batch)
+
+    stage = loop.Loop(
+        name="toy",
+        directory=tmp_path / "chunked",
+        epochs=EPOCHS,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        batches=logged,
+        step=step,
+        evaluate=evaluate,
+        eval_every=2,
+        checkpoint_every=CHECKPOINT_EVERY,
+        log_every=LOG_EVERY,
+        progress=False,
+        input_chunk=3,
+    )
+    carry = stage.run(init())
+    first_epoch = [e[0] for e in events[: 2 * STEPS_PER_EPOCH]]
+    assert (
+        first_epoch
+        == ["pull"] * 3 + ["step"] * 3 + ["pull"] * 3 + ["step"] * 3 + ["pull"] * 2 + ["step"] * 2
+    )
+    assert without_times(records(tmp_path / "chunked")) == without_times(reference[3])
+    jax.tree.map(np.testing.assert_array_equal, carry, reference[2])
+    unchunked, carry0 = run(tmp_path / "one_by_one", input_chunk=0)
+    assert unchunked.input_chunk == 0
+    jax.tree.map(np.testing.assert_array_equal, carry0, reference[2])
