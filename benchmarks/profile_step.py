@@ -199,20 +199,29 @@ def classify(op_name: str, opcode: str) -> tuple[str, str, str, str]:
     return part, "bwd" if backward else "fwd", layer, kind
 
 
-def profile(step: Any, args: tuple[Any, ...], steps: int, trace_steps: int) -> dict[str, Any]:
+def profile(
+    step: Any, args: tuple[Any, ...], steps: int, trace_steps: int, carry: bool
+) -> dict[str, Any]:
+    """Compiles and times `step(*args)`; with `carry` its first output replaces its first
+    argument at each call (a step that donates its state)."""
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))
+
+    def call(args):
+        out = jax.block_until_ready(compiled(*args))
+        return (out[0], *args[1:]) if carry else args
+
+    args = call(args)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        args = call(args)
         times.append(time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
         for _ in range(trace_steps):
-            jax.block_until_ready(compiled(*args))
+            args = call(args)
         jax.profiler.stop_trace()
         files = sorted(Path(tmp).rglob("*.xplane.pb"))
         data = jax.profiler.ProfileData.from_file(str(files[-1]))
@@ -292,7 +301,7 @@ def main() -> None:
     )
     for what in args.what:
         step, step_args = build(c, what, args.classes, args.conv_impl)
-        r = profile(step, step_args, args.steps, args.trace_steps)
+        r = profile(step, step_args, args.steps, args.trace_steps, carry=what != "student")
         total = sum(r["per_op"].values())
         print(
             f"\n## {what}: step {r['step_s']:.3f} s (median of {args.steps}), compile "
