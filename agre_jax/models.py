@@ -575,13 +575,20 @@ def map_stacked(fn: Callable[[Any], Any], stacked: Any, how: str = "unroll") -> 
 _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_init(model: ResNet, image_size: int, rng_type: Any) -> Any:
+def _init_fn(model: ResNet, image_size: int) -> Callable[[jax.Array], Any]:
+    """rng -> model.init's variables for [1, image_size, image_size, 3] inputs."""
+
     def fn(rng):
         dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         return model.init(rng, dummy, train=False)
 
-    return jax.jit(fn).lower(rng_type).compile(compiler_options=_INIT_COMPILER_OPTIONS)
+    return fn
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(model: ResNet, image_size: int, rng_type: Any) -> Any:
+    compiled = jax.jit(_init_fn(model, image_size)).lower(rng_type)
+    return compiled.compile(compiler_options=_INIT_COMPILER_OPTIONS)
 
 
 def init(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
@@ -592,8 +599,7 @@ def init(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
     `model.init`.
     """
     if isinstance(rng, jax.core.Tracer):
-        dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-        return dict(model.init(rng, dummy, train=False))
+        return dict(_init_fn(model, image_size)(rng))
     rng_type = jax.ShapeDtypeStruct(rng.shape, rng.dtype)
     return dict(_compiled_init(model, image_size, rng_type)(rng))
 
@@ -601,13 +607,7 @@ def init(model: ResNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
 def abstract_variables(model: ResNet, image_size: int) -> dict[str, Any]:
     """The shapes and dtypes of `init`'s variables ({'params', 'batch_stats'} of
     jax.ShapeDtypeStruct), traced without computing or allocating anything."""
-    return dict(
-        jax.eval_shape(
-            functools.partial(model.init, train=False),
-            jax.random.key(0),
-            jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
-        )
-    )
+    return dict(jax.eval_shape(_init_fn(model, image_size), jax.random.key(0)))
 
 
 MAX_LISTED = 5  # keys listed per kind of problem in merge_params' error

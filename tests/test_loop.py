@@ -74,7 +74,7 @@ def evaluate(carry, epoch):
     return {**carry, "best_loss": best}, {"loss": float(loss), "best_loss": float(best)}
 
 
-def run(directory, input_chunk=None, batches=batches, **step_kwargs):
+def run(directory, input_chunk=None, batches=batches, step=None, **step_kwargs):
     chunk = {} if input_chunk is None else {"input_chunk": input_chunk}
     stage = loop.Loop(
         name="toy",
@@ -82,7 +82,7 @@ def run(directory, input_chunk=None, batches=batches, **step_kwargs):
         epochs=EPOCHS,
         steps_per_epoch=STEPS_PER_EPOCH,
         batches=batches,
-        step=make_step(**step_kwargs),
+        step=step or make_step(**step_kwargs),
         evaluate=evaluate,
         eval_every=2,
         checkpoint_every=CHECKPOINT_EVERY,
@@ -244,21 +244,7 @@ def test_input_is_pulled_in_chunks_with_the_device_idle(tmp_path, reference):
         events.append(("step", global_step))
         return _update(carry, *batch)
 
-    stage = loop.Loop(
-        name="toy",
-        directory=tmp_path / "chunked",
-        epochs=EPOCHS,
-        steps_per_epoch=STEPS_PER_EPOCH,
-        batches=logged,
-        step=step,
-        evaluate=evaluate,
-        eval_every=2,
-        checkpoint_every=CHECKPOINT_EVERY,
-        log_every=LOG_EVERY,
-        progress=False,
-        input_chunk=3,
-    )
-    carry = stage.run(init())
+    _, carry = run(tmp_path / "chunked", input_chunk=3, batches=logged, step=step)
     first_epoch = [e[0] for e in events[: 2 * STEPS_PER_EPOCH]]
     assert (
         first_epoch
