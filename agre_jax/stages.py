@@ -679,8 +679,8 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
         # Copies: the step donates (and deletes) the state's buffers.
         "best_params": jax.tree.map(jnp.copy, first["params"]),
         "best_batch_stats": jax.tree.map(jnp.copy, first["batch_stats"]),
-        "best_wga": jnp.asarray(-1.0),
-        "best_epoch": jnp.asarray(0),
+        "best_wga": jnp.asarray(-1.0, jnp.float32),
+        "best_epoch": jnp.asarray(0, jnp.int32),
     }
 
     def step(carry, batch, s):
@@ -706,8 +706,8 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
                 **carry,
                 "best_params": jax.tree.map(jnp.copy, variables["params"]),
                 "best_batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"]),
-                "best_wga": jnp.asarray(s["wga"]),
-                "best_epoch": jnp.asarray(epoch + 1),
+                "best_wga": jnp.asarray(s["wga"], jnp.float32),
+                "best_epoch": jnp.asarray(epoch + 1, jnp.int32),
             }
         return carry, {"val_wga": s["wga"], "val_avg": s["avg_acc"]}
 

@@ -119,7 +119,9 @@ def train_erm(
         "state": state,
         "best_params": jax.tree.map(jnp.copy, state.params),  # own buffers: the step donates
         "best_batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
-        "best_wga": jnp.full((m,), -1.0),
+        # Strongly typed: a weak-typed float here became float32 after the first evaluation
+        # and made the jitted step compile again (30 s on the default).
+        "best_wga": jnp.full((m,), -1.0, jnp.float32),
         "best_epoch": jnp.zeros((m,), jnp.int32),
     }
     step = jax.jit(functools.partial(erm_step, model=model, tx=tx, how=cfg.map), donate_argnums=0)

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small_config():
     config = tiny.get_config()
+    # Two teacher epochs: the carry that the first evaluation updates must not make the
+    # step compile again (a weak-typed best WGA did: 30 s on the default).
+    config.teachers.epochs = 2
     config.train.epochs = 1
     config.dfr.steps = 10
     return config
