@@ -1,8 +1,8 @@
 """Datasets (TFDS builders) and the input pipeline.
 
 Importing this package registers the builders with TFDS: `spurious_shapes` (the embedded
-synthetic default), `waterbirds`, `celeba_groups` and `colored_mnist`. The input pipeline lives in
-`agre_jax.data.pipeline`.
+synthetic default), `waterbirds`, `celeba_groups` and `colored_mnist` (on real MNIST digits,
+embedded by default). The input pipeline lives in `agre_jax.data.pipeline`.
 """
 
 from agre_jax.data.celeba_groups import CelebaGroups
