@@ -263,9 +263,13 @@ def test_killed_runs_resume_to_identical_results(reference, tmp_path):
     )
     proc = ok(main(*args))
     assert "[distill] resuming from the checkpoint at step 15" in proc.stdout
-    for name in ("student_best", "student_last"):
-        got, _ = checkpoints.load_variables(work / "distill" / name)
-        want, _ = checkpoints.load_variables(ref / "distill" / name)
+    # Also the determinism test (issue 12): the same config and seeds, in another process and
+    # workdir, give bitwise-identical teachers and students.
+    teachers = sorted(str(p.relative_to(ref)) for p in ref.glob("stages/teachers-*/erm_*"))
+    assert teachers
+    for name in ("distill/student_best", "distill/student_last", *teachers):
+        got, _ = checkpoints.load_variables(work / name)
+        want, _ = checkpoints.load_variables(ref / name)
         for a, b in zip(_leaves(got), _leaves(want), strict=True):
             np.testing.assert_array_equal(a, b)
     # Resume is invisible: every number of results.json and metrics.jsonl, wall times aside.
