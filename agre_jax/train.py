@@ -61,12 +61,12 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     # Every input, read and checked before any training.
     t0 = time.time()
     data = stages.load_data(config)
-    data_seconds = round(time.time() - t0, 1)
+    pdata = stages.load_pretrain_data(config) if config.pretrain.enabled else None
+    data_seconds = round(time.time() - t0, 1)  # both datasets (prepared on first use)
     ported = stages.read_ported_teachers(config, data) if config.teachers.checkpoints else []
     t_init = _optional(config.teachers.init_from, "teachers.init_from", data)
     s_init = _optional(config.student.init_from, "student.init_from", data)
     biased = _optional(config.biased.checkpoint, "biased.checkpoint", data)
-    pdata = stages.load_pretrain_data(config) if config.pretrain.enabled else None
     pretrain_keys = stages.pretrain_keys(config, pdata) if pdata else {}
     if ported:
         settings.check_models(

@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.epochs = 4
     c.pretrain.batch_size = 32
     c.pretrain.augment = False  # as teachers.augment
-    c.pretrain.optimizer = _optimizer(0.05, 5e-4)
+    c.pretrain.optimizer = _optimizer(0.05, 5e-4)  # from scratch, as ImageNet training (lr 0.1)
 
     c.distill = ml_collections.ConfigDict()
     c.distill.temperature = 4.0
