@@ -20,7 +20,9 @@ import ml_collections
 
 from agre_jax import errors, evaluation, settings, stages
 from agre_jax import workdir as wd
+from agre_jax.data import core
 
+MAX_LISTED_GROUPS = 8  # the [data] line lists train groups up to this many, else a range
 SELECTION = "student checkpoint selected by worst-group accuracy on the validation split"
 AVERAGES = {
     "avg_acc": "plain accuracy over the test examples",
@@ -86,11 +88,13 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     wd.prepare(run_dir, config, overwrite)
     distill_dir = run_dir / "distill"
     stages.check_distill_inputs(distill_dir, keys.inputs, overwrite)
-    print(
-        f"[data] {data.name}: train {data.splits['train'].num_examples}, validation "
-        f"{data.splits['validation'].num_examples}, test {data.splits['test'].num_examples}; "
-        f"train groups {dict(zip(data.group_names, data.train_counts, strict=True))}"
-    )
+    sizes = ", ".join(f"{s} {d.num_examples}" for s, d in data.splits.items())
+    if data.num_groups <= MAX_LISTED_GROUPS:
+        groups = f"train groups {dict(zip(data.group_names, data.train_counts, strict=True))}"
+    else:  # e.g. Colored MNIST's 100: the range per split, where small groups show
+        counts = {s: d.group_counts() for s, d in data.splits.items()}
+        groups = f"examples per group ({data.num_groups}): {core.describe_count_range(counts)}"
+    print(f"[data] {data.name}: {sizes}; {groups}")
 
     pretrained = None
     if pdata is not None:

@@ -356,7 +356,11 @@ def batch_mean_grads(logit_fn: LogitFn, params: Any, images: jax.Array, g_refs: 
       g_refs: [R, B, C] KD logit gradients.
     """
     _, vjp_fn = jax.vjp(lambda p: logit_fn(p, images), params)
-    return jax.vmap(lambda g: vjp_fn(g / g.shape[0])[0])(g_refs)
+    # One backward pass per reference, unrolled (they share the forward's residuals): on
+    # XLA:CPU, vmapping the R cotangents was 1.3x slower than R passes (ResNet-18, 64 px,
+    # B = 32, R = 6: 3.7 against 2.8 s), and lax.map 27x slower.
+    grads = [vjp_fn(g_refs[r] / g_refs.shape[1])[0] for r in range(g_refs.shape[0])]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *grads)
 
 
 def agre_batch_weights(

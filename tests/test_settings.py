@@ -7,7 +7,7 @@ import math
 import pytest
 
 from agre_jax import dfr, distill, errors, optim, settings
-from configs import default, tiny
+from configs import default, multilayer_c, tiny
 
 
 def test_dataclass_defaults_agree_with_the_config():
@@ -23,10 +23,26 @@ def test_dataclass_defaults_agree_with_the_config():
     assert set(config.dfr.keys()) == {f.name for f in dataclasses.fields(dfr.DFRConfig)} - {"seed"}
 
 
-@pytest.mark.parametrize("preset", ["synthetic", "waterbirds", "celeba"])
+@pytest.mark.parametrize("preset", ["synthetic", "waterbirds", "celeba", "cmnist"])
 def test_presets_validate(preset):
     layout = settings.validate(default.get_config(preset))
     assert layout.devices * layout.per_device_batch == default.get_config(preset).train.batch_size
+
+
+def test_cmnist_preset_aligned_ratio_is_a_builder_knob():
+    config = multilayer_c.get_config("cmnist")
+    assert config.data.name == "colored_mnist"
+    assert dict(config.data.builder) == {"source": "embedded", "aligned_ratio": 0.995}
+    for ratio in (0.99, 0.98, 0.95):  # --config.data.builder.aligned_ratio=...
+        config.data.builder.aligned_ratio = ratio
+        settings.validate(config)
+    config.data.builder.aligned_ratio = 1.5
+    with pytest.raises(errors.ConfigError, match="aligned_ratio 1.5"):
+        settings.validate(config)
+    config.data.builder.aligned_ratio = 0.995
+    config.data.builder.source = "mnist"
+    with pytest.raises(errors.ConfigError, match="source 'mnist'"):
+        settings.validate(config)
 
 
 @pytest.mark.parametrize(

@@ -104,3 +104,30 @@ def test_damaged_stage_is_one_workdir_error(run, tmp_path):
     config.stage_dir = str(stage_dir)
     with pytest.raises(errors.WorkdirError, match="is damaged"):
         train.train_and_evaluate(config, tmp_path / "w")
+
+
+def test_same_config_and_seeds_give_bitwise_identical_runs(run, tmp_path):
+    """Determinism on one machine (issue 12): a second run of the same config and seeds, in a
+    fresh workdir with its own stages, trains the same teachers and student bit for bit and
+    reports the same numbers. (Across machines, float rounding differs: see the README.)"""
+    import numpy as np
+    from flax import traverse_util
+
+    from agre_jax import checkpoints
+
+    work, first = run
+    second = train.train_and_evaluate(small_config(), tmp_path / "again")
+    assert second["test"] == first["test"]
+    assert not any(s["reused"] for s in second["stages"].values())
+
+    def arrays(directory):
+        variables, _ = checkpoints.load_variables(directory)
+        return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+
+    teachers = sorted(str(p.relative_to(work)) for p in work.glob("stages/teachers-*/erm_*"))
+    assert teachers
+    for path in ("distill/student_best", "distill/student_last", *teachers):
+        x, y = arrays(work / path), arrays(tmp_path / "again" / path)
+        assert x.keys() == y.keys(), path
+        for k in x:
+            assert x[k].tobytes() == y[k].tobytes(), f"{path}: {k} differs"

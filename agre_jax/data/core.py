@@ -77,6 +77,18 @@ def describe_counts(counts: Mapping[str, Sequence[int]], names: Sequence[str]) -
     return "\n".join(lines)
 
 
+def describe_count_range(counts: Mapping[str, Sequence[int]]) -> str:
+    """Per-group counts in brief, for datasets with many groups:
+    'train min 0, max 199, 80 empty; validation min 15, max 15'."""
+    parts = []
+    for split, c in counts.items():
+        c = np.asarray(c, np.int64)
+        empty = int(np.sum(c == 0))
+        text = f"{split} min {int(c.min())}, max {int(c.max())}"
+        parts.append(text + (f", {empty} empty" if empty else ""))
+    return "; ".join(parts)
+
+
 def group_counts(builder_or_info: Any, split: str) -> np.ndarray:
     """Examples per group [num_groups] (int64) of a prepared split, from `info.metadata`.
 
