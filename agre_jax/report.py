@@ -16,8 +16,9 @@ taken from the `runs/<variant>/seed<k>/` directories) and every run's `results.j
 
 Costs: a run's results.json gives `stages` = {name: {seconds, reused}} (or, from older runs,
 only `seconds` = {name: seconds}). Distillation and evaluation are the run's own (per-variant
-columns, mean over seeds); data, teachers and DFR are shared by the runs of a stage and are
-reported once for the sweep (see `shared_seconds`), not charged to the run that computed them.
+columns, mean over seeds); data, pretraining, teachers and DFR are shared by the runs of a
+stage and are reported once for the sweep (see `shared_seconds`), not charged to the run that
+computed them.
 
 This module imports `sweep` (definitions) and `workdir`, never the runner or the training.
 """
@@ -61,7 +62,7 @@ MAX_WEIGHT_PANELS = 12
 WGA_AXIS = "worst-group test accuracy (%)"
 # Stages in results.json: a run's own, and those shared by the runs of one stage directory.
 OWN_STAGES = ("distill", "evaluate")
-SHARED_STAGES = ("data", "teachers", "dfr")
+SHARED_STAGES = ("data", "pretrain", "teachers", "dfr")
 
 
 @dataclasses.dataclass

@@ -41,6 +41,8 @@ POSITIVE_INTS = (
     "data.image_size",
     "dfr.steps",
     "dfr.batch_size",
+    "pretrain.epochs",
+    "pretrain.batch_size",
 )
 
 
@@ -148,7 +150,7 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
         value = _get(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{key} is {value!r}; expected an integer >= 1")
-    for key in ("seed", "teachers.seed"):
+    for key in ("seed", "teachers.seed", "pretrain.seed"):
         value = _get(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
             problems.append(f"{key} is {value!r}; expected an integer in [0, 2**31)")
@@ -172,9 +174,30 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
     lr = config.dfr.learning_rate
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         problems.append(f"dfr.learning_rate is {lr!r}; expected a finite number > 0")
-    for key, epochs in (("teachers.optimizer", t.epochs), ("train.optimizer", config.train.epochs)):
-        problems += optim.check_config(_get(config, key), key, epochs if epochs >= 1 else 0)
-    return problems
+    for key, epochs in (
+        ("teachers.optimizer", t.epochs),
+        ("train.optimizer", config.train.epochs),
+        ("pretrain.optimizer", config.pretrain.epochs),
+    ):
+        epochs = epochs if isinstance(epochs, int) and epochs >= 1 else 0
+        problems += optim.check_config(_get(config, key), key, epochs)
+    return problems + _pretrain_problems(config)
+
+
+def _pretrain_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """pretrain.enabled is a bool, and excludes ported starting weights (one way to start)."""
+    enabled = config.pretrain.enabled
+    if not isinstance(enabled, bool):
+        return [f"pretrain.enabled is {enabled!r}; expected True or False"]
+    if not enabled:
+        return []
+    return [
+        f"pretrain.enabled is True and {key} is {_get(config, key)!r}; expected one way to "
+        f"start: pretraining or ported weights (set {key}='' to start from the pretrain stage, "
+        "or --config.pretrain.enabled=False to start from the ported weights)"
+        for key in ("teachers.init_from", "student.init_from")
+        if _get(config, key)
+    ]
 
 
 def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -188,6 +211,15 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
             f"data.eval_transform is {config.data.eval_transform!r}; expected one of "
             f"{pipeline.EVAL_TRANSFORMS}"
         )
+    if config.pretrain.enabled is True:
+        knobs = dict(config.pretrain.builder) or None
+        try:
+            pipeline._canonical_config(tfds.builder_cls("pretrain_shapes"), knobs)  # noqa: SLF001
+        except (TypeError, ValueError) as e:
+            problems.append(
+                f"pretrain.builder is {knobs}, which does not configure pretrain_shapes ({e}); "
+                "expected knobs of agre_jax/data/pretrain_shapes.py's PretrainShapesConfig"
+            )
     try:
         builder_cls = tfds.builder_cls(config.data.name)
     except Exception:  # noqa: BLE001 -- tfds raises its own not-found types

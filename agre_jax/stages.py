@@ -1,6 +1,7 @@
 """The stages of one run, each with typed inputs and a small dataclass out.
 
     load_data(config)                          -> Dataset
+    pretrain_stage(config, pdata, stage_dir)   -> Pretrained   (one backbone per architecture)
     teachers_stage(config, data, stage_dir)    -> Teachers     (ported, or ERM-trained once)
     dfr_stage(config, data, teachers, ...)     -> DFRHeads     (computed once per inputs)
     build_ensemble(config, data, teachers, ..) -> Ensemble     (DFR/ERM teachers, biased model)
@@ -36,6 +37,7 @@ from agre_jax.data import pipeline
 from agre_jax.errors import CheckpointError, ConfigError, WorkdirError
 
 INPUTS_FILE = "inputs.json"  # in the distill directory: the key of what it was distilled from
+PRETRAIN_DATASET = "pretrain_shapes"  # the pretraining task (agre_jax/data/pretrain_shapes.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +138,34 @@ class Dataset:
 def load_data(config: ml_collections.ConfigDict) -> Dataset:
     """Prepares the dataset (TFDS) and loads its splits into memory; checks the split sizes
     against the batch sizes. Raises DataError or ConfigError."""
+    data = _prepare(config, config.data.name, config.data.builder, config.data.manual_dir)
+    settings.check_splits(config, {s: d.num_examples for s, d in data.splits.items()})
+    return data
+
+
+def load_pretrain_data(config: ml_collections.ConfigDict) -> Dataset:
+    """The pretraining task (`pretrain_shapes` with config.pretrain.builder's knobs), read as
+    the downstream data is: same image size, evaluation transform and dtype. Raises ConfigError
+    when its training split is smaller than pretrain.batch_size."""
+    data = _prepare(config, PRETRAIN_DATASET, config.pretrain.builder, "")
+    n, batch = data.splits["train"].num_examples, config.pretrain.batch_size
+    if n < batch:
+        raise ConfigError(
+            f"pretrain.batch_size is {batch} but the training split of {data.name} has {n} "
+            "examples; expected a batch no larger than the split (or a larger "
+            "pretrain.builder.size)"
+        )
+    return data
+
+
+def _prepare(config: ml_collections.ConfigDict, name: str, knobs: Any, manual_dir: str) -> Dataset:
     builder = pipeline.load_builder(
-        config.data.name,
+        name,
         data_dir=config.data.data_dir or None,
-        manual_dir=config.data.manual_dir or None,
-        config=dict(config.data.builder) or None,
+        manual_dir=manual_dir or None,
+        config=dict(knobs) or None,
     )
     splits = {s: pipeline.load_split(builder, s) for s in ("train", "validation", "test")}
-    settings.check_splits(config, {s: d.num_examples for s, d in splits.items()})
     info = builder.info
     return Dataset(
         name=info.full_name,
@@ -232,18 +254,169 @@ def load_checkpoint(path: str, key: str, image_size: int, compute_dtype: Any) ->
 
 
 def init_variables(
-    loaded: Loaded, model: models.ResNet, rng: jax.Array, image_size: int, key: str
+    loaded: Loaded,
+    model: models.ResNet,
+    rng: jax.Array,
+    image_size: int,
+    key: str,
+    *,
+    fresh_head: bool = False,
 ) -> dict[str, Any]:
-    """`model`'s variables started from `loaded` (config *.init_from): every weight from the
-    checkpoint, except a fresh head when the checkpoint's class count differs (a backbone
-    ported with --drop-head)."""
-    fresh = ("fc",) if loaded.info.get("num_classes") != model.num_classes else ()
+    """`model`'s variables started from `loaded` (config *.init_from, or a pretrained
+    backbone): every weight from the checkpoint, except a fresh head when `fresh_head` or when
+    the checkpoint's class count differs (a backbone ported with --drop-head)."""
+    differs = loaded.info.get("num_classes") != model.num_classes
+    fresh = ("fc",) if fresh_head or differs else ()
     try:
         return models.merge_params(
             models.init(model, rng, image_size), loaded.variables, source=loaded.path, fresh=fresh
         )
     except ValueError as e:
         raise CheckpointError(f"{key}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining.
+
+
+def pretrain_roles(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """The networks a run starts from pretrained weights, by role: 'teachers' (unless they are
+    ported) and 'student', each {'arch', 'width', 'small_input'}."""
+    roles = ("student",) if config.teachers.checkpoints else ("teachers", "student")
+    return {r: {k: config[r][k] for k in ("arch", "width", "small_input")} for r in roles}
+
+
+def pretrain_keys(config: ml_collections.ConfigDict, pdata: Dataset) -> dict[str, str]:
+    """Role -> content key of its pretrained network: the architecture, the pretraining
+    settings and the pretraining data (its fingerprint, image size and transform). Roles with
+    the same architecture share a key, hence one network."""
+    settings_ = wd.config_dict(config)["pretrain"]
+    settings_.pop("enabled", None)
+    return {
+        role: wd.key_of(
+            {"model": spec, "pretrain": settings_, "data": pdata.key, "dtype": config.dtype}
+        )
+        for role, spec in pretrain_roles(config).items()
+    }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pretrained:
+    """The pretrained networks of a run.
+
+    Attributes:
+      backbones: role ('teachers', 'student') -> the network trained on the pretraining task
+        (its head is the task's; downstream networks take the backbone and a fresh head).
+      members: role -> arch, width, path, digest, key, val_wga, val_acc, epoch (the report).
+      record: how this stage was obtained (the networks' seconds summed; reused if all were).
+    """
+
+    backbones: dict[str, Loaded]
+    members: dict[str, dict[str, Any]]
+    record: StageRecord
+
+
+def pretrain_stage(
+    config: ml_collections.ConfigDict, pdata: Dataset, stage_dir: Path, keys: Mapping[str, str]
+) -> Pretrained:
+    """One network per architecture in `keys` trained on the pretraining task (resumable,
+    through teachers.train_erm), cached in `<stage_dir>/pretrain-<key>/` and reused by any run
+    or sweep with the same key."""
+    cfg = config.pretrain
+    specs = pretrain_roles(config)
+    done: dict[str, tuple[Loaded, dict[str, Any], float, bool]] = {}
+    for role, key in keys.items():
+        if key in done:
+            continue
+        spec = specs[role]
+        directory = stage_dir / f"pretrain-{key}"
+        model = settings.model(ml_collections.ConfigDict(spec), pdata.num_classes, pdata.dtype)
+        what = (
+            f"{spec['arch']} width {spec['width']}{', small input' if spec['small_input'] else ''}"
+        )
+        reused = wd.is_done(directory)
+        if reused:
+            print(f"[pretrain] reusing {directory} ({what})")
+        else:
+            print(
+                f"[pretrain] {what} on {pdata.name}: {pdata.splits['train'].num_examples} "
+                f"training examples, {pdata.num_classes} classes, {cfg.epochs} epochs"
+            )
+            start = time.time()
+            erm_cfg = ml_collections.ConfigDict(
+                {
+                    "num": 1,
+                    "seed": cfg.seed,
+                    "epochs": cfg.epochs,
+                    "batch_size": cfg.batch_size,
+                    "augment": cfg.augment,
+                    "optimizer": cfg.optimizer,
+                    "map": "unroll",
+                }
+            )
+            (r,) = teachers.train_erm(
+                cfg=erm_cfg,
+                model=model,
+                data=pdata,
+                directory=directory,
+                init=None,
+                progress=config.progress,
+                name="pretrain",
+                keep="last",  # as ImageNet weights are: no selection on downstream-like groups
+            )
+            scores = _scores(model, r, pdata, "validation")
+            checkpoints.save_variables(
+                directory / "network",
+                {"params": r["params"], "batch_stats": r["batch_stats"]},
+                metadata={
+                    "arch": spec["arch"],
+                    "num_classes": pdata.num_classes,
+                    "model_options": {"width": spec["width"], "small_input": spec["small_input"]},
+                    "dataset": pdata.name,
+                    "val_acc": scores["avg_acc"],
+                    "val_wga": scores["wga"],
+                    "epoch": r["epoch"],
+                    "selection": "last epoch",
+                },
+                force=True,
+            )
+            wd.mark_done(directory, {"seconds": round(time.time() - start, 1)})
+        loaded, seconds = read_stage(
+            directory,
+            lambda directory=directory: (
+                _read_variables(directory / "network", pdata.dtype),
+                wd.read_done(directory).get("seconds", 0.0),
+            ),
+        )
+        member = {
+            **{k: v for k, v in loaded.describe().items() if k != "sha256_source"},
+            "key": key,
+            **{k: loaded.info.get(k) for k in ("dataset", "val_wga", "val_acc", "epoch")},
+        }
+        done[key] = (loaded, member, seconds, reused)
+    total = round(sum(v[2] for v in done.values()), 1)
+    all_reused = all(v[3] for v in done.values())
+    directories = ", ".join(sorted(str(stage_dir / f"pretrain-{k}") for k in done))
+    return Pretrained(
+        backbones={role: done[key][0] for role, key in keys.items()},
+        members={role: done[key][1] for role, key in keys.items()},
+        record=StageRecord(total, all_reused, directories),
+    )
+
+
+def _scores(
+    model: models.ResNet, variables: Mapping[str, Any], data: Dataset, split: str
+) -> dict[str, Any]:
+    """Group metrics of one network on a split (evaluation.summarize)."""
+    v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return data.evaluate(jax.jit(lambda x: model.apply(v, x, train=False)), split)
+
+
+def _read_variables(path: Path, compute_dtype: Any) -> Loaded:
+    """A checkpoint this package wrote (a stage's output), as Loaded."""
+    variables, info = checkpoints.load_variables(path)
+    model = model_from_provenance(info, compute_dtype)
+    return Loaded(str(path), model, variables, info, checkpoints.digest(variables))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,9 +476,11 @@ class Keys:
     """The content keys of the cached stages, known before any of them runs.
 
     Attributes:
-      teachers: the ported checkpoints' digests, or the ERM settings, init weights and data.
+      teachers: the ported checkpoints' digests, or the ERM settings, init weights (or
+        pretrained network's key) and data.
       dfr: the teachers' key, the DFR settings and the data.
-      inputs: everything the student is distilled from (teachers, heads used, biased model).
+      inputs: everything the student is distilled from (teachers, heads used, biased model)
+        and where it starts (pretrained or ported weights).
     """
 
     teachers: str
@@ -320,33 +495,44 @@ def stage_keys(
     ported: Sequence[Loaded] = (),
     init: Loaded | None = None,
     biased: Loaded | None = None,
+    pretrained: Mapping[str, str] | None = None,
+    student_init: Loaded | None = None,
 ) -> Keys:
-    """The keys of every cached stage of this config on this data (no training needed)."""
+    """The keys of every cached stage of this config on this data (no training needed).
+
+    `pretrained` maps a role ('teachers', 'student') to the key of the pretrained network it
+    starts from (pretrain_keys); `student_init` is a ported student.init_from checkpoint."""
+    pretrained = pretrained or {}
     if ported:
         teachers_key = wd.key_of([t.digest for t in ported])
     else:
         t = wd.config_dict(config)["teachers"]
         for k in ("debiased", "map", "checkpoints", "init_from"):
             t.pop(k, None)
-        teachers_key = wd.key_of(
-            {
-                "data": data.key,
-                "teachers": t,
-                "init": init.digest if init else "",
-                "dtype": config.dtype,
-            }
-        )
+        what = {
+            "data": data.key,
+            "teachers": t,
+            "init": init.digest if init else "",
+            "dtype": config.dtype,
+        }
+        if "teachers" in pretrained:  # (absent otherwise: the keys of earlier runs stay valid)
+            what["pretrain"] = pretrained["teachers"]
+        teachers_key = wd.key_of(what)
     dfr_cfg = dataclasses.asdict(settings.dfr_config(config))
     dfr_key = wd.key_of({"teachers": teachers_key, "dfr": dfr_cfg, "data": data.key})
-    inputs = wd.key_of(
-        {
-            "teachers": teachers_key,
-            "dfr": dfr_key,
-            "debiased": settings.debiased_count(config),
-            "biased": biased.digest if biased else config.biased.index,
-            "data": data.key,
-        }
-    )
+    what = {
+        "teachers": teachers_key,
+        "dfr": dfr_key,
+        "debiased": settings.debiased_count(config),
+        "biased": biased.digest if biased else config.biased.index,
+        "data": data.key,
+    }
+    # Where the student starts from (absent when from scratch: earlier keys stay valid).
+    if "student" in pretrained:
+        what["student_init"] = {"pretrain": pretrained["student"]}
+    elif student_init is not None:
+        what["student_init"] = {"digest": student_init.digest}
+    inputs = wd.key_of(what)
     return Keys(teachers_key, dfr_key, inputs)
 
 

@@ -90,6 +90,8 @@ def train_erm(
     directory: Path,
     init: Callable[[dict[str, Any]], dict[str, Any]] | None,
     progress: bool,
+    name: str = "teachers",
+    keep: str = "best",
 ) -> list[dict[str, Any]]:
     """Trains cfg.num ERM teachers together; returns each one's best-on-val-WGA variables.
 
@@ -101,9 +103,12 @@ def train_erm(
       directory: the stage directory (checkpoints, metrics).
       init: maps a teacher's fresh variables to its starting ones (init_from weights grafted
         on, own head), or None.
+      name: the stage's name in logs ('pretrain' trains one network on the pretraining task).
+      keep: which weights to return: 'best' (the epoch of best validation WGA) or 'last'.
 
     Returns:
-      Per teacher {'params', 'batch_stats' (numpy), 'val_wga', 'epoch'}.
+      Per teacher {'params', 'batch_stats' (numpy), 'val_wga', 'epoch'} of the kept weights
+      ('last': val_wga None, epoch cfg.epochs).
     """
     m, seed = cfg.num, cfg.seed
     spe = pipeline.steps_per_epoch(data.splits["train"], cfg.batch_size)
@@ -169,10 +174,11 @@ def train_erm(
         line = f"train loss {means['loss']:.4f} acc {100 * means['accuracy']:.1f}"
         if ev:
             line += " | val WGA " + " ".join(f"{100 * w:.1f}" for w in ev["val_wga"])
+            line += " avg " + " ".join(f"{100 * a:.1f}" for a in ev["val_avg"])
         return line
 
     carry = loop.Loop(
-        name="teachers",
+        name=name,
         directory=directory,
         epochs=cfg.epochs,
         steps_per_epoch=spe,
@@ -182,12 +188,19 @@ def train_erm(
         summary=summary,
         progress=progress,
     ).run(carry)
+    if keep == "last":
+        params, batch_stats = carry["state"].params, carry["state"].batch_stats
+        wga, epochs = [None] * m, [cfg.epochs] * m
+    else:
+        params, batch_stats = carry["best_params"], carry["best_batch_stats"]
+        wga = [float(w) for w in carry["best_wga"]]
+        epochs = [int(e) for e in carry["best_epoch"]]
     return [
         {
-            "params": jax.tree.map(lambda x, t=t: np.asarray(x[t]), carry["best_params"]),
-            "batch_stats": jax.tree.map(lambda x, t=t: np.asarray(x[t]), carry["best_batch_stats"]),
-            "val_wga": float(carry["best_wga"][t]),
-            "epoch": int(carry["best_epoch"][t]),
+            "params": jax.tree.map(lambda x, t=t: np.asarray(x[t]), params),
+            "batch_stats": jax.tree.map(lambda x, t=t: np.asarray(x[t]), batch_stats),
+            "val_wga": wga[t],
+            "epoch": epochs[t],
         }
         for t in range(m)
     ]

@@ -1,9 +1,9 @@
 """One run, end to end: `train_and_evaluate(config, workdir)` is what `main.py` calls.
 
 It reads in one pass: check every input, then the stages (agre_jax/stages.py) in order, then
-the report. Teacher and DFR stages live in `<stage_dir>/<name>-<key>/` (key: their settings
-and their inputs' content) and are reused by any run with the same key; the student's stage
-is `<workdir>/distill/`.
+the report. Pretraining, teacher and DFR stages live in `<stage_dir>/<name>-<key>/` (key: their
+settings and their inputs' content) and are reused by any run with the same key; the
+student's stage is `<workdir>/distill/`.
 """
 
 from __future__ import annotations
@@ -63,18 +63,28 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     # Every input, read and checked before any training.
     t0 = time.time()
     data = stages.load_data(config)
-    data_seconds = round(time.time() - t0, 1)
+    pdata = stages.load_pretrain_data(config) if config.pretrain.enabled else None
+    data_seconds = round(time.time() - t0, 1)  # both datasets (prepared on first use)
     ported = stages.read_ported_teachers(config, data) if config.teachers.checkpoints else []
     t_init = _optional(config.teachers.init_from, "teachers.init_from", data)
     s_init = _optional(config.student.init_from, "student.init_from", data)
     biased = _optional(config.biased.checkpoint, "biased.checkpoint", data)
+    pretrain_keys = stages.pretrain_keys(config, pdata) if pdata else {}
     if ported:
         settings.check_models(
             settings.model(config.student, ported[0].model.num_classes, data.dtype),
             ported[0].model,
             settings.distill_config(config),
         )
-    keys = stages.stage_keys(config, data, ported=ported, init=t_init, biased=biased)
+    keys = stages.stage_keys(
+        config,
+        data,
+        ported=ported,
+        init=t_init,
+        biased=biased,
+        pretrained=pretrain_keys,
+        student_init=s_init,
+    )
     wd.prepare(run_dir, config, overwrite)
     distill_dir = run_dir / "distill"
     stages.check_distill_inputs(distill_dir, keys.inputs, overwrite)
@@ -86,6 +96,12 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         groups = f"examples per group ({data.num_groups}): {core.describe_count_range(counts)}"
     print(f"[data] {data.name}: {sizes}; {groups}")
 
+    pretrained = None
+    if pdata is not None:
+        # Ported weights (init_from) and pretraining exclude each other (settings.validate).
+        pretrained = stages.pretrain_stage(config, pdata, stage_dir, pretrain_keys)
+        t_init = pretrained.backbones.get("teachers")
+        s_init = pretrained.backbones["student"]
     teachers = stages.teachers_stage(
         config, data, stage_dir, keys.teachers, ported=ported, init=t_init
     )
@@ -96,20 +112,26 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     init = None
     if s_init is not None:
         init = stages.init_variables(
-            s_init, student_model, jax.random.key(config.seed), data.image_size, "student.init_from"
+            s_init,
+            student_model,
+            jax.random.key(config.seed),
+            data.image_size,
+            "pretrain" if pretrained else "student.init_from",
+            fresh_head=pretrained is not None,
         )
     student = stages.distill_stage(config, data, ens, distill_dir, run_layout, init)
     t0 = time.time()
     results = stages.evaluate_stage(data, teachers, heads, ens.kinds, student, student_model)
     records = {
         "data": stages.StageRecord(data_seconds, False),
+        **({"pretrain": pretrained.record} if pretrained else {}),
         "teachers": teachers.record,
         "dfr": heads.record,
         "distill": student.record,
         "evaluate": stages.StageRecord(round(time.time() - t0, 1), False),
     }
     return write_report(
-        config, run_dir, data, teachers, heads, ens, student, results, records, start
+        config, run_dir, data, teachers, heads, ens, student, results, records, start, pretrained
     )
 
 
@@ -117,7 +139,9 @@ def _optional(path: str, key: str, data: stages.Dataset) -> stages.Loaded | None
     return stages.load_checkpoint(path, key, data.image_size, data.dtype) if path else None
 
 
-def write_report(config, run_dir, data, teachers, heads, ens, student, results, records, start):
+def write_report(
+    config, run_dir, data, teachers, heads, ens, student, results, records, start, pretrained=None
+):
     """results.json (every number, the settings used, versions) and results.md (the table)."""
     seconds = {name: r.seconds for name, r in records.items()}
     seconds["total"] = round(sum(seconds.values()), 1)
@@ -145,6 +169,7 @@ def write_report(config, run_dir, data, teachers, heads, ens, student, results, 
             "erm_val_wga": [m.get("val_wga") for m in teachers.members],
             "dfr": heads.info,
         },
+        "pretrain": pretrained.members if pretrained else {},
         "distill_weights": stages.mean_teacher_weights(run_dir / "distill"),
         "test": results,
         "seconds": seconds,

@@ -24,5 +24,8 @@ def get_config(arg=None):
     c.train.checkpoint_every = 5
     c.train.log_every = 5
     c.distill.gammas.update(dict(layer3=0.1, pooled=0.5))
+    # No pretraining: it would train one more network per run (tests/test_pretrain.py turns it
+    # on, with a smaller task).
+    c.pretrain.enabled = False
     c.progress = False
     return c

@@ -257,6 +257,10 @@ def test_checkpoint_mistakes(tmp_path, capsys, monkeypatch, teacher_dir):
         ([f"--config.biased.checkpoint={tmp_path / 'nope'}"], "biased.checkpoint"),
         ([f"--config.student.init_from={not_a_dir}"], "student.init_from"),
         ([f"--config.teachers.init_from={no_provenance}"], "teachers.init_from"),
+        (
+            ["--config.pretrain.enabled=True", f"--config.student.init_from={teacher_dir}"],
+            "pretrain.enabled is True and student.init_from",
+        ),
     ]
     for args, message in cases:
         work = tmp_path / "w"

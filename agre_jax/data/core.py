@@ -15,8 +15,10 @@ with `group_counts(builder_or_info, split)`.
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,13 @@ def make_features(
             "id": tfds.features.Text(),
         }
     )
+
+
+def config_name(readable: str, knobs: Mapping[str, Any]) -> str:
+    """A generated builder config's name: `readable` plus a hash of all its knobs (JSON data),
+    so that each variant is prepared in its own directory."""
+    digest = hashlib.sha1(json.dumps(dict(knobs), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{readable}_{digest}"
 
 
 def count_groups(groups: np.ndarray, num_groups: int) -> list[int]:
@@ -103,6 +112,22 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # noisy pixels: speed
     return buf.getvalue()
+
+
+def generate_examples(arrays: Mapping[str, np.ndarray], split: str) -> Iterator[tuple[int, dict]]:
+    """A generated split's TFDS examples (key, features) from its arrays: image uint8
+    [n, H, W, 3] (stored as PNG), label, place, group [n]."""
+    for i in range(arrays["group"].size):
+        yield (
+            i,
+            {
+                "image": png_bytes(arrays["image"][i]),
+                "label": int(arrays["label"][i]),
+                "place": int(arrays["place"][i]),
+                "group": int(arrays["group"][i]),
+                "id": f"{split}_{i:05d}",
+            },
+        )
 
 
 def image_bytes(path: str, fmt: str = "JPEG") -> bytes:

@@ -23,13 +23,11 @@ cached in its own directory).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from agre_jax.data import core
+from agre_jax.data import core, drawing
 
 CLASS_NAMES = ("ellipse", "cross")
 PLACE_NAMES = ("land", "water")
@@ -106,9 +104,8 @@ def knobs(config: SpuriousShapesConfig) -> dict:
 
 def config_name(config: SpuriousShapesConfig) -> str:
     """Deterministic name: readable size and side plus a hash of all the knobs."""
-    digest = hashlib.sha1(json.dumps(knobs(config), sort_keys=True).encode()).hexdigest()[:10]
     size = f"{config.size:g}".replace(".", "p")
-    return f"size{size}_px{config.side}_{digest}"
+    return core.config_name(f"size{size}_px{config.side}", knobs(config))
 
 
 def split_group_counts(config: SpuriousShapesConfig) -> dict[str, list[int]]:
@@ -125,29 +122,9 @@ def split_group_counts(config: SpuriousShapesConfig) -> dict[str, list[int]]:
     return out
 
 
-def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """[n_out, n_in] matrix that upsamples a coarse grid bilinearly (pixel-centre aligned)."""
-    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = pos - lo
-    m = np.zeros((n_out, n_in))
-    m[np.arange(n_out), lo] += 1 - frac
-    m[np.arange(n_out), hi] += frac
-    return m
-
-
-def _smooth_field(rng: np.random.Generator, n: int, grid: int, side: int) -> np.ndarray:
-    """Smooth random fields [n, side, side] in [0, 1] from a coarse uniform grid."""
-    up = _bilinear_matrix(side, grid)
-    coarse = rng.random((n, grid, grid))
-    return up @ coarse @ up.T
-
-
 def _land(rng: np.random.Generator, n: int, side: int) -> np.ndarray:
     """Noisy green and brown blobs, float [n, side, side, 3] in 0-255."""
-    blobs = 0.7 * _smooth_field(rng, n, 5, side) + 0.3 * _smooth_field(rng, n, 11, side)
-    mix = np.clip((blobs - 0.5) * 4 + 0.5, 0, 1)[..., None]  # sharpen into blobs
+    mix = drawing.blob_mix(rng, n, side)
     green = rng.uniform((30, 95, 15), (80, 155, 55), (n, 1, 1, 3))
     brown = rng.uniform((100, 65, 25), (150, 100, 55), (n, 1, 1, 3))
     return green * (1 - mix) + brown * mix
@@ -155,31 +132,10 @@ def _land(rng: np.random.Generator, n: int, side: int) -> np.ndarray:
 
 def _water(rng: np.random.Generator, n: int, side: int) -> np.ndarray:
     """Blue wavy stripes, float [n, side, side, 3] in 0-255."""
-    s = side / 32
-    period = rng.uniform(5, 9, (n, 1, 1)) * s
-    tilt = rng.uniform(-0.4, 0.4, (n, 1, 1))
-    amp = rng.uniform(0.8, 2.5, (n, 1, 1)) * s
-    freq = rng.uniform(1, 3, (n, 1, 1)) * 2 * np.pi / side
-    phase = rng.uniform(0, 2 * np.pi, (n, 2, 1, 1))
-    yy, xx = np.mgrid[0:side, 0:side] + 0.5
-    along = xx * np.cos(tilt) + yy * np.sin(tilt)
-    across = -xx * np.sin(tilt) + yy * np.cos(tilt)
-    wave = across + amp * np.sin(freq * along + phase[:, 0])
-    mix = (0.5 + 0.5 * np.sin(2 * np.pi * wave / period + phase[:, 1]))[..., None]
+    mix = drawing.wave_mix(rng, n, side)
     dark = rng.uniform((10, 35, 110), (40, 80, 165), (n, 1, 1, 3))
     light = rng.uniform((80, 140, 200), (140, 200, 250), (n, 1, 1, 3))
     return dark * (1 - mix) + light * mix
-
-
-def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """[n] hue, saturation, value in [0, 1] -> [n, 3] RGB in [0, 1]."""
-    k = (np.array([5.0, 3.0, 1.0]) + h[:, None] * 6) % 6
-    return v[:, None] - v[:, None] * s[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1)
-
-
-def _box_sdf(qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
-    """Signed distance to an axis-aligned box, given |p| - half_size per axis."""
-    return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
 
 
 def _shape_coverage(
@@ -188,14 +144,7 @@ def _shape_coverage(
     """Antialiased coverage [n, side, side] in [0, 1] of an ellipse (0) or a cross (1)."""
     n = labels.shape[0]
     r = rng.uniform(*scale_range, n) * side  # cross half-length
-    extent = r * np.where(labels == 0, _ELLIPSE_MAJOR, 1.0)
-    cx = rng.uniform(extent, side - extent)
-    cy = rng.uniform(extent, side - extent)
-    theta = rng.uniform(0, 2 * np.pi, n)
-    yy, xx = np.mgrid[0:side, 0:side] + 0.5
-    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
-    cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
-    u, v = dx * cos + dy * sin, -dx * sin + dy * cos
+    u, v = drawing.placed_frames(rng, n, side, r * np.where(labels == 0, _ELLIPSE_MAJOR, 1.0))
     r = r[:, None, None]
     d = np.empty_like(u)
     e, c = labels == 0, labels == 1
@@ -206,8 +155,8 @@ def _shape_coverage(
     # Cross: exact signed distance of the union of two boxes (half-sizes r x w and w x r).
     au, av, rc = np.abs(u[c]), np.abs(v[c]), r[c]
     w = _CROSS_ARM * rc
-    d[c] = np.minimum(_box_sdf(au - rc, av - w), _box_sdf(au - w, av - rc))
-    return np.clip(0.5 - d, 0, 1)
+    d[c] = np.minimum(drawing.box_sdf(au - rc, av - w), drawing.box_sdf(au - w, av - rc))
+    return drawing.coverage(d)
 
 
 def render(
@@ -222,11 +171,10 @@ def render(
     background = np.empty((n, side, side, 3))
     background[~water] = _land(rng, int(n - water.sum()), side)
     background[water] = _water(rng, int(water.sum()), side)
-    colour = 255 * _hsv_to_rgb(rng.random(n), rng.uniform(0.4, 1, n), rng.uniform(0.5, 1, n))
+    colour = drawing.random_colours(rng, n)
     alpha = config.fg_opacity * _shape_coverage(rng, labels, side, config.scale_range)[..., None]
     image = background * (1 - alpha) + colour[:, None, None, :] * alpha
-    image += rng.normal(0, config.noise_std, image.shape)
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return drawing.finish(image, rng, config.noise_std)
 
 
 def split_arrays(config: SpuriousShapesConfig, split: str) -> dict[str, np.ndarray]:
@@ -273,15 +221,4 @@ class SpuriousShapes(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in core.SPLITS}
 
     def _generate_examples(self, split: str):
-        arrays = split_arrays(self.builder_config, split)
-        for i in range(arrays["group"].size):
-            yield (
-                i,
-                {
-                    "image": core.png_bytes(arrays["image"][i]),
-                    "label": int(arrays["label"][i]),
-                    "place": int(arrays["place"][i]),
-                    "group": int(arrays["group"][i]),
-                    "id": f"{split}_{i:05d}",
-                },
-            )
+        return core.generate_examples(split_arrays(self.builder_config, split), split)
