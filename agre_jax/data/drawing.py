@@ -9,6 +9,8 @@ and rounds them to uint8.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -128,3 +130,32 @@ def finish(image: np.ndarray, rng: np.random.Generator, noise_std: float) -> np.
     """Float images in 0-255 plus Gaussian pixel noise of `noise_std`, rounded to uint8."""
     image = image + rng.normal(0, noise_std, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+RENDER_CHUNK = 512  # images rendered per generator; part of the seed derivation, so fixed.
+
+
+def render_split(
+    seed: int,
+    split_code: int,
+    counts: np.ndarray,
+    num_places: int,
+    side: int,
+    render: Callable[[np.random.Generator, np.ndarray, np.ndarray], np.ndarray],
+) -> dict[str, np.ndarray]:
+    """A generated split as arrays: `counts[g]` examples of group g = num_places * label +
+    place, shuffled, rendered RENDER_CHUNK at a time by `render(rng, labels, places)` with a
+    generator per chunk seeded by (seed, split_code, 1, chunk).
+
+    Returns:
+      image [n, side, side, 3] uint8, label, place, group [n].
+    """
+    groups = np.repeat(np.arange(len(counts)), counts)
+    groups = np.random.default_rng([seed, split_code, 0]).permutation(groups)
+    labels, places = groups // num_places, groups % num_places
+    images = np.empty((groups.size, side, side, 3), np.uint8)
+    for c, start in enumerate(range(0, groups.size, RENDER_CHUNK)):
+        sl = slice(start, start + RENDER_CHUNK)
+        rng = np.random.default_rng([seed, split_code, 1, c])
+        images[sl] = render(rng, labels[sl], places[sl])
+    return {"image": images, "label": labels, "place": places, "group": groups}

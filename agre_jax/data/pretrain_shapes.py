@@ -45,7 +45,6 @@ CLASS_NAMES = (
     "diamond",
 )
 TEXTURE_NAMES = ("plain", "blobs", "stripes", "checker")
-_CHUNK = 512  # rendering chunk; part of the seed derivation, so fixed.
 _KNOBS = ("size", "eval_size", "side", "seed", "scale_range", "noise_std")
 _TRIANGLE = drawing.regular_polygon(3)
 _DIAMOND = np.array([[0.0, -1.0], [0.55, 0.0], [0.0, 1.0], [-0.55, 0.0]])
@@ -187,17 +186,14 @@ def render(
 
 def split_arrays(config: PretrainShapesConfig, split: str) -> dict[str, np.ndarray]:
     """The whole split as arrays: image [n, side, side, 3] uint8, label, place, group [n]."""
-    counts = split_group_counts(config)[split]
-    code = core.SPLIT_CODES[split]
-    groups = np.repeat(np.arange(len(counts)), counts)
-    groups = np.random.default_rng([config.seed, code, 0]).permutation(groups)
-    labels, textures = groups // len(TEXTURE_NAMES), groups % len(TEXTURE_NAMES)
-    images = np.empty((groups.size, config.side, config.side, 3), np.uint8)
-    for c, start in enumerate(range(0, groups.size, _CHUNK)):
-        sl = slice(start, start + _CHUNK)
-        rng = np.random.default_rng([config.seed, code, 1, c])
-        images[sl] = render(rng, labels[sl], textures[sl], config)
-    return {"image": images, "label": labels, "place": textures, "group": groups}
+    return drawing.render_split(
+        config.seed,
+        core.SPLIT_CODES[split],
+        split_group_counts(config)[split],
+        len(TEXTURE_NAMES),
+        config.side,
+        lambda rng, labels, textures: render(rng, labels, textures, config),
+    )
 
 
 class PretrainShapes(tfds.core.GeneratorBasedBuilder):

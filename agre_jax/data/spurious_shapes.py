@@ -38,7 +38,6 @@ WATERBIRDS_COUNTS = {
     "test": (2255, 2255, 642, 642),
 }
 _MINORITY_TRAIN_GROUPS = (1, 2)
-_CHUNK = 512  # rendering chunk; part of the seed derivation, so fixed.
 _CROSS_ARM = 0.3  # half-width of a cross arm / its half-length.
 _ELLIPSE_ASPECT = 0.7  # minor / major semi-axis.
 # Ellipse major semi-axis / cross half-length for equal areas: pi a (0.7 a) = 8 r w - 4 w^2.
@@ -179,17 +178,14 @@ def render(
 
 def split_arrays(config: SpuriousShapesConfig, split: str) -> dict[str, np.ndarray]:
     """The whole split as arrays: image [n, side, side, 3] uint8, label, place, group [n]."""
-    counts = split_group_counts(config)[split]
-    code = core.SPLIT_CODES[split]
-    groups = np.repeat(np.arange(4), counts)
-    groups = np.random.default_rng([config.seed, code, 0]).permutation(groups)
-    labels, places = groups // 2, groups % 2
-    images = np.empty((groups.size, config.side, config.side, 3), np.uint8)
-    for c, start in enumerate(range(0, groups.size, _CHUNK)):
-        sl = slice(start, start + _CHUNK)
-        rng = np.random.default_rng([config.seed, code, 1, c])
-        images[sl] = render(rng, labels[sl], places[sl], config)
-    return {"image": images, "label": labels, "place": places, "group": groups}
+    return drawing.render_split(
+        config.seed,
+        core.SPLIT_CODES[split],
+        split_group_counts(config)[split],
+        len(PLACE_NAMES),
+        config.side,
+        lambda rng, labels, places: render(rng, labels, places, config),
+    )
 
 
 class SpuriousShapes(tfds.core.GeneratorBasedBuilder):
