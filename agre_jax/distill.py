@@ -41,6 +41,10 @@ class DistillConfig:
         (vmapped per-sample Jacobians; any model).
       chunk_size: samples per chunk of the per-sample Gram computation.
       batch_min_weight: lower clip of `agre_batch` weights before normalising.
+      batch_bn: `agre_batch`'s batch-mean gradients (weighting.BATCH_BN): 'through' the
+        training-mode forward's BatchNorm statistics (the earlier PyTorch code; the step's own
+        pullback, no extra forward) or with them 'fixed' (an extra forward; the convention of
+        the per-sample weights).
       gammas: ((layer, gamma), ...) for the feature loss; gamma 0 layers are ignored.
       feature_loss: 'mse' (through 1x1-conv / Dense adapters) or 'attention'.
       feature_dropout: feature-channel dropout rate in the feature loss.
@@ -56,6 +60,7 @@ class DistillConfig:
     gram: str = "layerwise"
     chunk_size: int = 8
     batch_min_weight: float = 0.01
+    batch_bn: str = "through"
     gammas: tuple[tuple[str, float], ...] = ()
     feature_loss: str = "mse"
     feature_dropout: float = 0.0
@@ -91,6 +96,10 @@ class DistillConfig:
         check(
             0.0 <= self.batch_min_weight < 1.0,
             f"batch_min_weight must be in [0, 1), got {self.batch_min_weight}",
+        )
+        check(
+            self.batch_bn in weighting.BATCH_BN,
+            f"unknown batch_bn {self.batch_bn!r}; expected one of {weighting.BATCH_BN}",
         )
         names = [name for name, _ in self.gammas]
         unknown = [n for n in names if n not in models.LAYERS]
@@ -305,6 +314,7 @@ def teacher_weights(
     b_logits: jax.Array,
     rng: jax.Array,
     logit_fn: weighting.LogitFn,
+    train_vjp: Callable[[jax.Array], Any],
     student_params: Any,
     images: jax.Array,
     pooled: jax.Array | None,
@@ -313,7 +323,9 @@ def teacher_weights(
     """[B, M] weights of the configured method (constants for the loss) and their metrics.
 
     `logit_fn` evaluates the student with this batch's BatchNorm statistics held fixed, the
-    convention of every per-sample and batch-mean gradient here.
+    convention of every per-sample gradient here (and of `agre_batch` with batch_bn 'fixed').
+    `train_vjp` maps a logit cotangent [B, C] to the student's parameter gradient through the
+    step's training-mode forward (BatchNorm statistics included): `agre_batch`'s default.
     """
     b, m = s_logits.shape[0], t_logits.shape[0]
     if cfg.weighting == "aver":
@@ -326,7 +338,12 @@ def teacher_weights(
     if cfg.weighting == "agre_batch":
         g_refs = jnp.concatenate([g_t, g_b[None]], axis=0)
         if cfg.grad_scope == "full":
-            grads = weighting.batch_mean_grads(logit_fn, student_params, images, g_refs)
+            vjp = (
+                train_vjp
+                if cfg.batch_bn == "through"
+                else weighting.logit_vjp(logit_fn, student_params, images)
+            )
+            grads = weighting.batch_mean_grads(vjp, g_refs)
         else:
             grads = weighting.last_layer_batch_grads(pooled, g_refs)
         per_teacher = weighting.agre_batch_weights(
@@ -407,6 +424,9 @@ def distill_step(
     def logit_fn(p, x):
         return mdl.student.apply({"params": p, "batch_stats": batch_moments}, x, train=False)
 
+    def train_vjp(g_logits):
+        return vjp_fn((g_logits, jax.tree.map(jnp.zeros_like, s_feats)))[0]
+
     rng_weights, rng_dropout = jax.random.split(rng)
     if axis_name is not None:
         rng_dropout = jax.random.fold_in(rng_dropout, jax.lax.axis_index(axis_name))
@@ -418,6 +438,7 @@ def distill_step(
             b_logits=b_logits,
             rng=rng_weights,
             logit_fn=logit_fn,
+            train_vjp=train_vjp,
             student_params=state.params["student"],
             images=images,
             pooled=s_feats.get("pooled"),

@@ -5,7 +5,9 @@
 - `agre`: the paper's per-sample weights (Kenfack et al., Eq. 5),
   W_t(x_i) = 1 - cos(grad_theta l_t^i, grad_theta l_b^i), normalised over teachers.
 - `agre_batch`: the earlier PyTorch code's variant, one weight per teacher from the cosine of
-  the batch-mean gradients, clipped below and normalised.
+  the batch-mean gradients, clipped below and normalised. As in that code, the gradients
+  flow through the training-mode BatchNorm statistics of the batch (`BATCH_BN` 'through');
+  'fixed' holds them constant, the convention of the per-sample weights.
 
 Exact per-sample cosines, cheaply. With z_i the student's logits, the KD gradient with respect
 to the logits is g_r^i = tau * (softmax(z_s / tau) - softmax(z_r / tau)) and
@@ -34,6 +36,7 @@ from agre_jax import losses
 METHODS = ("aver", "random", "agre", "agre_batch")
 GRAD_SCOPES = ("full", "last_layer")
 EMPTY_ROWS = ("uniform", "drop")
+BATCH_BN = ("through", "fixed")  # agre_batch: BatchNorm statistics in its batch-mean gradients
 GRAM_METHODS = ("layerwise", "vmap")  # how full-scope per-sample Gram matrices are computed
 
 # A row of AGRE weights summing below this is empty (every teacher pulls with the biased
@@ -348,19 +351,28 @@ def agre_weights(
     return _normalise_rows(raw.T, empty_rows)
 
 
-def batch_mean_grads(logit_fn: LogitFn, params: Any, images: jax.Array, g_refs: jax.Array) -> Any:
+def batch_mean_grads(vjp_fn: Callable[[jax.Array], Any], g_refs: jax.Array) -> Any:
     """grad_theta (1/B) sum_i l_r^i for each reference r: pytree with leaves [R, ...].
 
     Args:
-      logit_fn: (params, images) -> [B, C], BatchNorm statistics held fixed.
-      g_refs: [R, B, C] KD logit gradients.
+      vjp_fn: a logit cotangent [B, C] -> the student's parameter gradient (a pytree), the
+        pullback of a forward already run: the step's own training-mode forward (gradients
+        through the batch's BatchNorm statistics, as the earlier PyTorch code) or
+        `logit_vjp(logit_fn, ...)` (statistics held fixed).
+      g_refs: [R, B, C] KD logit gradients (the batch's size B divides them here).
     """
-    _, vjp_fn = jax.vjp(lambda p: logit_fn(p, images), params)
     # One backward pass per reference, unrolled (they share the forward's residuals): on
     # XLA:CPU, vmapping the R cotangents was 1.3x slower than R passes (ResNet-18, 64 px,
     # B = 32, R = 6: 3.7 against 2.8 s), and lax.map 27x slower.
-    grads = [vjp_fn(g_refs[r] / g_refs.shape[1])[0] for r in range(g_refs.shape[0])]
+    grads = [vjp_fn(g_refs[r] / g_refs.shape[1]) for r in range(g_refs.shape[0])]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *grads)
+
+
+def logit_vjp(logit_fn: LogitFn, params: Any, images: jax.Array) -> Callable[[jax.Array], Any]:
+    """The pullback of `logit_fn(params, images)` [B, C] to `params` (one forward now, one
+    backward pass per call)."""
+    _, vjp_fn = jax.vjp(lambda p: logit_fn(p, images), params)
+    return lambda g: vjp_fn(g)[0]
 
 
 def agre_batch_weights(

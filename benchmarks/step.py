@@ -16,13 +16,14 @@ teacher architecture in eval mode, the student in train mode, alpha = 1 weighted
 linear adapter when the widths differ) and the weighted mean of the teachers', `backward` and
 one SGD step (momentum 0.9, weight decay 1e-4). `agre_batch` adds M + 1 `autograd.grad`
 passes through the student for the batch-mean gradients: through the training-mode graph, so
-also through the batch's BatchNorm statistics, as the earlier PyTorch code (`--torch-bn-grads
-through`), or, as ours, through an extra eval-mode forward that holds them fixed (`fixed`).
+also through the batch's BatchNorm statistics, as the earlier PyTorch code (`--batch-bn
+through`, the default), or through an extra eval-mode forward that holds them fixed (`fixed`);
+`--batch-bn` sets both sides (our `distill.batch_bn`).
 Only `aver` and `agre_batch` have a reference. Our side then uses the same separate biased
 model and the `pooled` feature loss. Both sides start from the same weights (ours, ported to
 torchvision modules) and the same batch, so their first-step losses must agree (the teachers
 are copies of one initialisation, so `agre_batch`'s weights are uniform on both sides at the
-first step whatever `--torch-bn-grads`); the run fails otherwise. torch runs with
+first step whatever `--batch-bn`); the run fails otherwise. torch runs with
 `--torch-threads` threads (default: the cores this process may use, as XLA's CPU client).
 """
 
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from agre_jax import distill, models, optim
+from agre_jax import distill, models, optim, weighting
 from convert.torch_resnet import torch_key
 
 if TYPE_CHECKING:
@@ -58,7 +59,6 @@ METHODS = {
     "agre_batch": dict(weighting="agre_batch", grad_scope="full"),
 }
 TORCH_METHODS = ("aver", "agre_batch")  # the methods TorchReference implements
-BN_GRADS = ("through", "fixed")  # TorchReference's agre_batch gradients, see there
 GAMMA_POOLED_TORCH = 0.25  # default --gamma-pooled with --compare-torch
 LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
@@ -134,7 +134,11 @@ def build(
         if g > 0
     )
     cfg = distill.DistillConfig(
-        chunk_size=args.chunk_size, teacher_map=args.teacher_map, gammas=gammas, **METHODS[method]
+        chunk_size=args.chunk_size,
+        teacher_map=args.teacher_map,
+        gammas=gammas,
+        batch_bn=args.batch_bn,
+        **METHODS[method],
     )
     mdl = distill.create_models(student, ens, cfg)
     tx = optim.create_optimizer(
@@ -307,7 +311,7 @@ class TorchReference:
             "gammas": set(cfg.feature_layers) - {"pooled"},
             "feature_loss": cfg.feature_loss != "mse",
             "feature_dropout": cfg.feature_dropout > 0,
-            "bn_grads": bn_grads not in BN_GRADS,
+            "bn_grads": bn_grads not in weighting.BATCH_BN,
         }
         unsupported = [k for k, bad in unsupported.items() if bad]
         if unsupported:
@@ -462,7 +466,7 @@ def bench(args: argparse.Namespace, image_size: int, num_classes: int, method: s
     ref = images = None
     if args.compare_torch:
         ref = TorchReference.from_setup(
-            setup, channels_last=args.torch_channels_last, bn_grads=args.torch_bn_grads
+            setup, channels_last=args.torch_channels_last, bn_grads=args.batch_bn
         )
         images = ref.images(setup.batch)
     row = dict(px=image_size, classes=num_classes, method=method, **time_ours(setup, args.steps))
@@ -524,11 +528,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--torch-channels-last", action="store_true", help="NHWC memory format in the reference"
     )
     parser.add_argument(
-        "--torch-bn-grads",
+        "--batch-bn",
         default="through",
-        choices=BN_GRADS,
-        help="agre_batch gradients in the reference: through the batch's BatchNorm statistics "
-        "(training-mode graph) or with them fixed (an extra eval-mode forward, as ours)",
+        choices=weighting.BATCH_BN,
+        help="agre_batch gradients, ours (distill.batch_bn) and the reference's: through the "
+        "batch's BatchNorm statistics (training-mode graph) or with them fixed (an extra "
+        "eval-mode forward)",
     )
     args = parser.parse_args(argv)
     if args.gamma_pooled is None:
@@ -578,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         head += (
             f"; torch {torch.__version__} CPU, {torch.get_num_threads()} threads"
             f"{', channels_last' if args.torch_channels_last else ''}, "
-            f"agre_batch BatchNorm gradients {args.torch_bn_grads}; separate biased model"
+            f"agre_batch BatchNorm gradients {args.batch_bn}; separate biased model"
         )
     print(head, flush=True)
     rows = []

@@ -110,6 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.gram = "layerwise"  # per-sample Gram matrices: 'layerwise' (fast) or 'vmap'
     c.distill.chunk_size = 8  # samples per chunk of the per-sample Gram matrices
     c.distill.batch_min_weight = 0.01  # agre_batch: lower clip of the per-teacher weights
+    # agre_batch gradients: 'through' the batch's BatchNorm statistics (the PyTorch code) or
+    # with them 'fixed' (the per-sample weights' convention)
+    c.distill.batch_bn = "through"
     c.distill.gammas = ml_collections.ConfigDict(
         dict(layer1=0.0, layer2=0.0, layer3=0.0, layer4=0.0, pooled=0.0)
     )

@@ -190,9 +190,9 @@ def test_agre_batch_matches_explicit_batch_mean_gradients(scope, normalize):
     refs = jnp.concatenate([t_logits, b_logits[None]])
     g_refs = losses.kd_logit_grad(s_logits, refs, TAU)
     if scope == "full":
-        grads = jax.jit(weighting.batch_mean_grads, static_argnums=0)(
-            logit_fn, params, images, g_refs
-        )
+        grads = jax.jit(
+            lambda p, x, g: weighting.batch_mean_grads(weighting.logit_vjp(logit_fn, p, x), g)
+        )(params, images, g_refs)
     else:
         grads = weighting.last_layer_batch_grads(fixed_stats_pooled(10, params, images), g_refs)
     ours = weighting.agre_batch_weights(grads, normalize_grads=normalize, min_weight=0.01)
