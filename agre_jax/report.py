@@ -8,8 +8,10 @@ taken from the `runs/<variant>/seed<k>/` directories) and every run's `results.j
 
 - `results.md`: one row per variant, mean +- sample std (ddof 1) over the seeds that finished
   of the selected student's test WGA and both averages, per-group accuracies, n, the delta
-  of mean WGA to the baseline variant and the seconds of the run's own stages, sorted by WGA;
-  the shared stages' seconds (once); failed and missing runs; the teachers.
+  of mean WGA to the baseline variant, the paired WGA difference to the baseline over the
+  seeds both finished with its 95 % Student-t interval (see `paired_difference`) and the
+  seconds of the run's own stages, sorted by WGA; the shared stages' seconds (once); failed
+  and missing runs; the teachers.
 - `results.csv`: the same rows (labels as columns, values in %), one per variant.
 - `summary.json`: all of it as data, including every run's status and error.
 - `plots/*.png`: only those the sweep's labels allow (see `make_plots`).
@@ -38,6 +40,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from scipy import stats
 
 from agre_jax import sweep, workdir
 
@@ -63,6 +66,7 @@ WGA_AXIS = "worst-group test accuracy (%)"
 # Stages in results.json: a run's own, and those shared by the runs of one stage directory.
 OWN_STAGES = ("distill", "evaluate")
 SHARED_STAGES = ("data", "pretrain", "teachers", "dfr")
+CONFIDENCE = 0.95  # of the paired intervals against the baseline
 
 
 @dataclasses.dataclass
@@ -143,6 +147,63 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan
 
 
+def paired_difference(
+    values: Mapping[int, float], baseline: Mapping[int, float], confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """The paired difference of a variant to the baseline over the seeds both have.
+
+    `values` and `baseline` map seed -> metric (in %, e.g. test WGA); only seeds present in
+    both with a finite value in both are used, in ascending order. With d_s = values[s] -
+    baseline[s] on those n seeds (percentage points), returns
+
+    - `n`: the number of shared seeds, `seeds`: them (sorted);
+    - `mean`: mean of d (variant minus baseline), NaN when n = 0;
+    - `std`: sample standard deviation of d (ddof 1), NaN when n < 2;
+    - `lo`, `hi`: the two-sided paired Student-t interval mean -+ t_{(1+c)/2, n-1} * std /
+      sqrt(n), NaN when n < 2 (a zero std gives lo = hi = mean);
+    - `confidence`: c.
+
+    Pairing on the seed removes what the seed shares across variants (initialisation and data
+    order) from the comparison; the interval assumes the per-seed differences are independent
+    and roughly normal. Source: the paired-sample t interval of any statistics text (e.g.
+    Rice, Mathematical Statistics and Data Analysis, 3rd ed., Sec. 11.3, comparing paired
+    samples); on comparing training runs over shared seeds see Bouthillier et al.,
+    "Accounting for variance in machine learning benchmarks" (MLSys 2021) and Dror et al.,
+    "The hitchhiker's guide to testing statistical significance in natural language
+    processing" (ACL 2018). Raises ValueError unless 0 < confidence < 1; otherwise never
+    raises (no shared seed gives n = 0 and NaNs).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    seeds = sorted(
+        s
+        for s in values.keys() & baseline.keys()
+        if math.isfinite(values[s]) and math.isfinite(baseline[s])
+    )
+    d = np.array([values[s] - baseline[s] for s in seeds], np.float64)
+    mean, std = mean_std(d)
+    lo = hi = math.nan
+    if d.size > 1:
+        half = float(stats.t.ppf((1.0 + confidence) / 2.0, d.size - 1)) * std / math.sqrt(d.size)
+        lo, hi = mean - half, mean + half
+    return {
+        "n": len(seeds),
+        "seeds": seeds,
+        "mean": mean,
+        "std": std,
+        "lo": lo,
+        "hi": hi,
+        "confidence": confidence,
+    }
+
+
+def resolved(paired: Mapping[str, Any] | None) -> bool:
+    """Whether a paired interval excludes 0 (false where it is undefined)."""
+    if not paired or not math.isfinite(paired["lo"]) or not math.isfinite(paired["hi"]):
+        return False
+    return paired["lo"] > 0 or paired["hi"] < 0
+
+
 def _nanmean(rows: Sequence[Sequence[float]]) -> list[float]:
     x = np.asarray(rows, np.float64)
     ok = np.isfinite(x)
@@ -151,7 +212,12 @@ def _nanmean(rows: Sequence[Sequence[float]]) -> list[float]:
 
 
 def aggregate(spec: Mapping[str, Any], runs: Sequence[RunRecord]) -> dict[str, Any]:
-    """The report as data (percent values): rows sorted by mean WGA, failures, teachers."""
+    """The report as data (percent values): rows sorted by mean WGA, failures, teachers.
+
+    Each row's `delta_wga` is its mean WGA minus the baseline's (each over its own finished
+    seeds); `paired` is {metric: `paired_difference` against the baseline over the seeds both
+    finished} for every metric in METRICS, or None for the baseline itself and when the sweep
+    names no baseline."""
     done = [r for r in runs if r.status == "done"]
     first = done[0].results if done else {}
     group_names = list(first.get("group_names", []))
@@ -186,6 +252,14 @@ def aggregate(spec: Mapping[str, Any], runs: Sequence[RunRecord]) -> dict[str, A
         row["delta_wga"] = (
             row["wga"]["mean"] - base["wga"]["mean"] if base and base["n"] else math.nan
         )
+        row["paired"] = (
+            None
+            if base is None or row is base
+            else {
+                m: paired_difference(_by_seed(row, m), _by_seed(base, m), CONFIDENCE)
+                for m in METRICS
+            }
+        )
     rows.sort(key=lambda r: (r["n"] == 0, -_finite(r["wga"]["mean"], -1.0), r["variant"]))
     return {
         "name": spec["name"],
@@ -215,6 +289,10 @@ def aggregate(spec: Mapping[str, Any], runs: Sequence[RunRecord]) -> dict[str, A
         "teachers": teacher_rows(done),
         "shared_seconds": shared_seconds(done),
     }
+
+
+def _by_seed(row: Mapping[str, Any], metric: str) -> dict[int, float]:
+    return dict(zip(row["seeds"], row[metric]["values"], strict=True))
 
 
 def _get(data: Mapping[str, Any], *keys: str) -> Any:
@@ -345,6 +423,20 @@ def _pm(stat: Mapping[str, float]) -> str:
     return f"{stat['mean']:.1f} ± {_pct(stat['std'])}"
 
 
+def _paired_cell(paired: Mapping[str, Any] | None) -> str:
+    """`+1.2 [-0.3, +2.7] (n=5)`, bold when the interval excludes 0; `-` without shared
+    seeds; the interval `[-, -]` when n = 1."""
+    if not paired or not paired["n"]:
+        return "-"
+    interval = (
+        f"[{paired['lo']:+.1f}, {paired['hi']:+.1f}]"
+        if math.isfinite(paired["lo"]) and math.isfinite(paired["hi"])
+        else "[-, -]"
+    )
+    cell = f"{paired['mean']:+.1f} {interval} (n={paired['n']})"
+    return f"**{cell}**" if resolved(paired) else cell
+
+
 def _secs(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "-"
@@ -407,7 +499,11 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
         "(train-weighted): group accuracies weighted by the training group proportions (DFR "
         "convention)."
         + (
-            f" Δ WGA: mean WGA minus that of `{agg['baseline']}`, in points."
+            f" Δ WGA: mean WGA minus that of `{agg['baseline']}`, in points (each mean over "
+            "its own seeds). paired Δ WGA: mean over the seeds that both finished of the "
+            f"per-seed WGA difference to `{agg['baseline']}`, with its two-sided "
+            f"{100 * CONFIDENCE:g} % Student-t interval (n - 1 degrees of freedom; [-, -] when "
+            "n = 1) and n, the shared seeds; **bold**: resolved, the interval excludes 0."
             if agg["baseline"]
             else ""
         )
@@ -416,7 +512,8 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
         "",
     ]
     labels = agg["label_names"]
-    head = ["variant", *labels, "WGA", "Δ WGA", "avg (train-weighted)", "avg (plain)"]
+    head = ["variant", *labels, "WGA", "Δ WGA", f"paired Δ WGA [{100 * CONFIDENCE:g}% CI]"]
+    head += ["avg (train-weighted)", "avg (plain)"]
     head += [f"acc {g}" for g in agg["group_names"]] + ["n", "s/run"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in agg["rows"]:
@@ -428,7 +525,9 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
             else ("-" if not math.isfinite(row["delta_wga"]) else f"{row['delta_wga']:+.1f}")
         )
         cells = [f"`{row['variant']}`", *(_label(row["labels"].get(k, "")) for k in labels)]
-        cells += [_pm(row["wga"]), delta, _pm(row["avg_acc_weighted"]), _pm(row["avg_acc"])]
+        paired = "—" if row["variant"] == agg["baseline"] else _paired_cell(_paired(row, "wga"))
+        cells += [_pm(row["wga"]), delta, paired]
+        cells += [_pm(row["avg_acc_weighted"]), _pm(row["avg_acc"])]
         cells += [_pct(a) for a in row["group_acc"]] + [str(row["n"])]
         cells.append(_secs(row["seconds"]["run"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -476,14 +575,23 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _paired(row: Mapping[str, Any], metric: str) -> dict[str, Any] | None:
+    return (row.get("paired") or {}).get(metric)
+
+
 def csv_rows(agg: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     """results.csv as (field names, rows): one row per variant (also those with n = 0, whose
-    values are empty), values in %; `seconds_<stage>_mean`: the run's own stages (distill,
-    evaluate, and 'run', their sum), mean over seeds. The shared stages, counted once, are in
-    results.md and summary.json ('shared_seconds')."""
+    values are empty), values in %; `paired_delta_wga`, `paired_lo`, `paired_hi`, `paired_n`:
+    the paired WGA difference to the baseline and its Student-t interval over the `paired_n`
+    shared seeds (empty for the baseline and where undefined; see `paired_difference`);
+    `seconds_<stage>_mean`: the run's own stages (distill, evaluate, and 'run', their sum),
+    mean over seeds. The shared stages, counted once, are in results.md and summary.json
+    ('shared_seconds')."""
     fields = ["variant", *agg["label_names"], "n", "seeds", "failed"]
+    paired_fields = ["paired_delta_wga", "paired_lo", "paired_hi", "paired_n"]
     for m in METRICS:
-        fields += [f"{m}_mean_pct", f"{m}_std_pct"] + (["delta_wga_pct"] if m == "wga" else [])
+        fields += [f"{m}_mean_pct", f"{m}_std_pct"]
+        fields += ["delta_wga_pct", *paired_fields] if m == "wga" else []
     fields += [f"acc_{g}_mean_pct" for g in agg["group_names"]]
     fields += [f"seconds_{s}_mean" for s in (*OWN_STAGES, "run")]
     out = []
@@ -493,6 +601,14 @@ def csv_rows(agg: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
         for m in METRICS:
             r[f"{m}_mean_pct"], r[f"{m}_std_pct"] = row[m]["mean"], row[m]["std"]
         r["delta_wga_pct"] = row["delta_wga"]
+        paired = _paired(row, "wga")
+        if paired:
+            r.update(
+                paired_delta_wga=paired["mean"],
+                paired_lo=paired["lo"],
+                paired_hi=paired["hi"],
+                paired_n=paired["n"],
+            )
         for g, a in zip(agg["group_names"], row["group_acc"], strict=True):
             r[f"acc_{g}_mean_pct"] = a
         for s in (*OWN_STAGES, "run"):

@@ -119,6 +119,39 @@ def test_mean_std_uses_sample_std_and_tolerates_small_n():
     assert mean == pytest.approx(82.0) and std == pytest.approx(2.0)  # ddof 1
 
 
+def test_paired_difference_by_hand():
+    """Differences (2, 1, 3, -1) on seeds 0-3 (seed 9 only in the baseline): mean 1.25, sample
+    sd over n - 1 = 3, interval mean -+ t_{0.975, 3} sd / sqrt(4)."""
+    variant = {0: 80.0, 1: 82.0, 2: 85.0, 3: 79.0}
+    baseline = {0: 78.0, 1: 81.0, 2: 82.0, 3: 80.0, 9: 50.0}
+    p = report.paired_difference(variant, baseline)
+    sd = math.sqrt((0.75**2 + 0.25**2 + 1.75**2 + 2.25**2) / 3)
+    t = 3.182446305284263  # t_{0.975, 3}, from a table (not computed here)
+    assert p["n"] == 4 and p["seeds"] == [0, 1, 2, 3] and p["confidence"] == 0.95
+    assert p["mean"] == pytest.approx(1.25, abs=1e-12) and p["std"] == pytest.approx(sd)
+    assert p["lo"] == pytest.approx(1.25 - t * sd / 2, abs=1e-9)
+    assert p["hi"] == pytest.approx(1.25 + t * sd / 2, abs=1e-9)
+    assert not report.resolved(p)  # the interval holds 0
+
+    one = report.paired_difference({0: 80.0, 1: 82.0}, {1: 79.0, 2: 70.0})  # n = 1
+    assert one["n"] == 1 and one["mean"] == 3.0
+    assert all(math.isnan(one[k]) for k in ("std", "lo", "hi")) and not report.resolved(one)
+    none = report.paired_difference({0: 80.0}, {1: 79.0})
+    assert none["n"] == 0 and all(math.isnan(none[k]) for k in ("mean", "std", "lo", "hi"))
+
+    # Non-finite values drop their seed, on either side: the hand example again.
+    dirty = report.paired_difference(
+        {**variant, 4: math.nan, 5: 90.0}, {**baseline, 4: 70.0, 5: math.inf}
+    )
+    assert dirty["seeds"] == [0, 1, 2, 3]
+    assert (dirty["lo"], dirty["hi"]) == pytest.approx((p["lo"], p["hi"]), abs=1e-12)
+
+    same = report.paired_difference({0: 81.0, 1: 82.0}, {0: 80.0, 1: 81.0})  # sd 0
+    assert same["lo"] == same["hi"] == 1.0 and report.resolved(same)
+    with pytest.raises(ValueError, match="confidence"):
+        report.paired_difference(variant, baseline, confidence=95)
+
+
 @pytest.fixture
 def fabricated(tmp_path):
     """a (baseline): 3 seeds; b: 2 done + 1 failed; c: 1 done (n = 1) + 2 missing; d: none."""
@@ -175,6 +208,60 @@ def test_report_files(fabricated):
     summary = json.loads((fabricated / "summary.json").read_text())  # strict JSON: no NaN
     assert summary["rows"][3]["wga"]["mean"] is None
     assert agg["label_names"] == ["method"]
+
+
+def test_paired_column_and_csv(fabricated):
+    """b vs a on seeds 0, 1: WGA 70 - 80 and 74 - 82 -> mean -9, sd sqrt(2), half-width
+    t_{0.975, 1} sqrt(2) / sqrt(2) = 12.7062...; c vs a on seed 0 only: +10 (the unpaired
+    delta is +8), no interval."""
+    agg = report.write_report(fabricated, plots=False)
+    rows = {r["variant"]: r for r in agg["rows"]}
+    assert rows["a"]["paired"] is None  # the baseline
+    b = rows["b"]["paired"]["wga"]
+    t1 = 12.706204736174698  # t_{0.975, 1}, from a table
+    assert b["n"] == 2 and b["seeds"] == [0, 1] and b["mean"] == pytest.approx(-9.0)
+    assert (b["lo"], b["hi"]) == pytest.approx((-9.0 - t1, -9.0 + t1), abs=1e-9)
+    assert rows["b"]["paired"]["avg_acc"]["mean"] == pytest.approx(-9.0)  # wga + 20
+    assert rows["c"]["paired"]["wga"]["n"] == 1 and rows["d"]["paired"]["wga"]["n"] == 0
+
+    md = (fabricated / "results.md").read_text()
+    assert "| Δ WGA | paired Δ WGA [95% CI] |" in md
+    assert "paired Δ WGA: mean over the seeds that both finished" in md
+    assert "95 % Student-t interval" in md and "resolved, the interval excludes 0" in md
+    table = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| `")}
+    assert "| +8.0 | +10.0 [-, -] (n=1) |" in table["`c`"]
+    assert "| — | — |" in table["`a`"]
+    assert "| -10.0 | -9.0 [-21.7, +3.7] (n=2) |" in table["`b`"]  # not resolved: no bold
+    assert "**" not in "".join(table.values())
+
+    by_variant = {
+        r["variant"]: r
+        for r in csv.DictReader(io.StringIO((fabricated / "results.csv").read_text()))
+    }
+    cols = ("paired_delta_wga", "paired_lo", "paired_hi", "paired_n")
+    assert [by_variant["b"][k] for k in cols] == ["-9.0", "-21.7062", "3.7062", "2"]
+    assert [by_variant["c"][k] for k in cols] == ["10.0", "", "", "1"]
+    assert [by_variant["a"][k] for k in cols] == ["", "", "", ""]
+    assert [by_variant["d"][k] for k in cols] == ["", "", "", "0"]
+    summary = json.loads((fabricated / "summary.json").read_text())
+    assert summary["rows"][0]["paired"]["wga"]["lo"] is None  # c: NaN -> null
+
+
+def test_paired_interval_resolves_what_seed_noise_hides(tmp_path):
+    """Seeds spread the baseline over 20 points, but b beats it by 2-4 on every seed: paired
+    mean 3, sd 1, 3 seeds -> 3 -+ 4.302652729911275 / sqrt(3): resolved, shown in bold."""
+    root = tmp_path / "sweep"
+    write_spec(root, spec({"a": {}, "b": {}}))
+    for seed, (wa, wb) in enumerate(((0.70, 0.72), (0.80, 0.83), (0.90, 0.94))):
+        write_run(root, "a", seed, fake_results(seed, wa))
+        write_run(root, "b", seed, fake_results(seed, wb))
+    agg = report.write_report(root, plots=False)
+    b = next(r for r in agg["rows"] if r["variant"] == "b")
+    assert b["wga"]["std"] > 10 and report.resolved(b["paired"]["wga"])
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2}, from a table
+    assert b["paired"]["wga"]["lo"] == pytest.approx(3.0 - half, abs=1e-9)
+    md = (root / "results.md").read_text()
+    assert "| +3.0 | **+3.0 [+0.5, +5.5] (n=3)** |" in md
 
 
 def stage_times(data, teachers, dfr, distill, evaluate, reused=()):
