@@ -72,7 +72,8 @@ def fit(
     num_groups: int,
     cfg: DFRConfig,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fits the DFR head for every C in the grid and keeps the best selection-half WGA.
+    """Fits the DFR head for every C in the grid and keeps the best selection-half WGA (ties:
+    the higher selection-half average, then the first C of the grid).
 
     Args:
       train_features: [N, D] pooled features of the training half; labels / groups [N].
@@ -120,7 +121,9 @@ def fit(
         evaluation.summarize(p, select_labels, select_groups, num_groups, np.ones(num_groups))
         for p in preds
     ]
-    best = int(np.argmax([s["wga"] for s in scores]))
+    # Highest selection-half WGA, ties by the selection-half average, then the first in the grid
+    # (as evaluation.improves).
+    best = max(range(len(scores)), key=lambda i: (scores[i]["wga"], scores[i]["avg_acc"]))
     kernel = np.asarray(heads["kernel"][best]) / std[:, None]
     bias = np.asarray(heads["bias"][best]) - (mean / std) @ np.asarray(heads["kernel"][best])
     info = {

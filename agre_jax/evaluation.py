@@ -6,6 +6,9 @@ Conventions (DESIGN.md, stated in every report):
 - `avg_acc_weighted`: group accuracies weighted by the TRAINING set's group proportions (the
   DFR / JTT convention; on Waterbirds it differs a lot from the plain test average).
 - `gap` = avg_acc_weighted - WGA.
+- Model selection (`improves`): the higher validation WGA, ties broken by the higher plain
+  validation average (so that a split whose WGA is stuck, e.g. at 0 on many small groups, still
+  selects by something).
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+SELECTION_RULE = "val_wga, then val_avg"  # in the teacher stage's key
+SELECTION = (
+    "selected by worst-group accuracy on the validation split (ties: the validation average)"
+)
 
 
 def summarize(
@@ -59,6 +68,17 @@ def summarize(
         "gap": weighted - wga,
         "n": int(correct.size),
     }
+
+
+def improves(wga: Any, avg: Any, best_wga: Any, best_avg: Any) -> jax.Array:
+    """Whether a checkpoint with validation (wga, avg) replaces the best so far: wga higher, or
+    equal and avg higher. Elementwise over stacked models ([M] arrays) or scalars; the
+    comparison is in float32, the dtype the selection carries keep, so that an accuracy equal
+    to the stored best is a tie and not a rounding difference."""
+    wga, avg, best_wga, best_avg = (
+        jnp.asarray(x, jnp.float32) for x in (wga, avg, best_wga, best_avg)
+    )
+    return (wga > best_wga) | ((wga == best_wga) & (avg > best_avg))
 
 
 def collect(

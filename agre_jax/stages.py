@@ -514,6 +514,9 @@ def stage_keys(
             "teachers": t,
             "init": init.digest if init else "",
             "dtype": config.dtype,
+            # The checkpoint rule (teachers and DFR's C): trained before this rule, a stage
+            # could hold other checkpoints, so its key differs.
+            "selection": evaluation.SELECTION_RULE,
         }
         if "teachers" in pretrained:  # (absent otherwise: the keys of earlier runs stay valid)
             what["pretrain"] = pretrained["teachers"]
@@ -866,6 +869,7 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
         "best_params": jax.tree.map(jnp.copy, first["params"]),
         "best_batch_stats": jax.tree.map(jnp.copy, first["batch_stats"]),
         "best_wga": jnp.asarray(-1.0, jnp.float32),
+        "best_avg": jnp.asarray(-1.0, jnp.float32),
         "best_epoch": jnp.asarray(0, jnp.int32),
     }
 
@@ -887,12 +891,13 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
     def evaluate(carry, epoch):
         variables = student_vars(unrep(carry["state"]))
         s = data.evaluate(functools.partial(predict, variables), "validation")
-        if s["wga"] > float(carry["best_wga"]):
+        if evaluation.improves(s["wga"], s["avg_acc"], carry["best_wga"], carry["best_avg"]):
             carry = {
                 **carry,
                 "best_params": jax.tree.map(jnp.copy, variables["params"]),
                 "best_batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"]),
                 "best_wga": jnp.asarray(s["wga"], jnp.float32),
+                "best_avg": jnp.asarray(s["avg_acc"], jnp.float32),
                 "best_epoch": jnp.asarray(epoch + 1, jnp.int32),
             }
         return carry, {"val_wga": s["wga"], "val_avg": s["avg_acc"]}

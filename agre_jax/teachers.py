@@ -127,6 +127,7 @@ def train_erm(
         # Strongly typed: a weak-typed float here became float32 after the first evaluation
         # and made the jitted step compile again (30 s on the default).
         "best_wga": jnp.full((m,), -1.0, jnp.float32),
+        "best_avg": jnp.full((m,), -1.0, jnp.float32),
         "best_epoch": jnp.zeros((m,), jnp.int32),
     }
     step = jax.jit(functools.partial(erm_step, model=model, tx=tx, how=cfg.map), donate_argnums=0)
@@ -150,8 +151,9 @@ def train_erm(
     def evaluate(carry, epoch):
         variables = {"params": carry["state"].params, "batch_stats": carry["state"].batch_stats}
         scores = data.evaluate(functools.partial(logits_fn, variables), "validation")
-        wga = jnp.asarray([s["wga"] for s in scores])
-        better = wga > carry["best_wga"]
+        wga = jnp.asarray([s["wga"] for s in scores], jnp.float32)
+        avg = jnp.asarray([s["avg_acc"] for s in scores], jnp.float32)
+        better = evaluation.improves(wga, avg, carry["best_wga"], carry["best_avg"])
 
         def pick(new, old):
             return jnp.where(better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
@@ -163,6 +165,7 @@ def train_erm(
                 pick, carry["state"].batch_stats, carry["best_batch_stats"]
             ),
             "best_wga": jnp.where(better, wga, carry["best_wga"]),
+            "best_avg": jnp.where(better, avg, carry["best_avg"]),
             "best_epoch": jnp.where(better, epoch + 1, carry["best_epoch"]),
         }
         return carry, {

@@ -23,7 +23,7 @@ from agre_jax import workdir as wd
 from agre_jax.data import core
 
 MAX_LISTED_GROUPS = 8  # the [data] line lists train groups up to this many, else a range
-SELECTION = "student checkpoint selected by worst-group accuracy on the validation split"
+SELECTION = f"student checkpoint {evaluation.SELECTION}"
 AVERAGES = {
     "avg_acc": "plain accuracy over the test examples",
     "avg_acc_weighted": "group accuracies weighted by training group proportions (DFR)",

@@ -102,3 +102,19 @@ def test_dfr_config_validation_and_halves():
     a, b = dfr.split_halves(11, seed=3)
     assert len(a) == 5 and len(b) == 6 and not set(a) & set(b)
     np.testing.assert_array_equal(dfr.split_halves(11, seed=3)[0], a)
+
+
+def test_selection_breaks_wga_ties_by_the_average():
+    """Higher WGA wins; equal WGA (in float32, as the carries store it) goes to the higher
+    average; equal both keeps the earlier checkpoint. Elementwise over stacked teachers."""
+    better = evaluation.improves
+    assert bool(better(0.5, 0.1, 0.4, 0.9))
+    assert not bool(better(0.4, 0.99, 0.5, 0.1))
+    assert bool(better(0.0, 0.3, 0.0, 0.2))  # a WGA stuck at 0 still selects
+    assert not bool(better(0.0, 0.2, 0.0, 0.2))
+    # 0.6 from a Python float equals the float32 0.6 a carry holds: a tie, not a loss
+    assert bool(better(0.6, 0.8, np.float32(0.6), np.float32(0.7)))
+    np.testing.assert_array_equal(
+        better(np.array([0.5, 0.5, 0.5]), np.array([0.7, 0.6, 0.9]), 0.5, 0.7),
+        [False, False, True],
+    )
