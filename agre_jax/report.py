@@ -535,6 +535,7 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
         lines.append("| (no run has finished yet) |" + " |" * (len(head) - 1))
     if shared_line(agg):
         lines += ["", shared_line(agg)]
+    lines += _paired_table(agg) + _per_seed_table(agg)
     if failed:
         lines += ["", f"**Failed runs** ({len(failed)}; message and traceback in error.txt):"]
         lines += [
@@ -573,6 +574,56 @@ def to_markdown(agg: Mapping[str, Any]) -> str:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in agg["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _paired_table(agg: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: every metric's paired difference to the baseline (empty without one)."""
+    rows = [r for r in agg["rows"] if r["n"] and r["variant"] != agg["baseline"]]
+    if not agg["baseline"] or not rows:
+        return []
+    head = ["variant", *(f"paired Δ {METRIC_TITLES[m]}" for m in METRICS)]
+    lines = [
+        "",
+        f"## Paired differences to `{agg['baseline']}` (test, points)",
+        "",
+        f"Mean over the seeds both finished of (variant - baseline) with its "
+        f"{100 * CONFIDENCE:g} % Student-t interval; bold: the interval excludes 0.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in rows:
+        cells = [f"`{row['variant']}`", *(_paired_cell(_paired(row, m)) for m in METRICS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_seed_table(agg: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: each finished run's test WGA and plain average, by seed."""
+    rows = [r for r in agg["rows"] if r["n"]]
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    if not rows:
+        return []
+    head = ["variant", *(f"seed {s}" for s in seeds)]
+    lines = [
+        "",
+        "## Per-seed test WGA / avg (plain), %",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in sorted(rows, key=lambda r: r["order"]):
+        by_seed = {
+            s: (w, a)
+            for s, w, a in zip(
+                row["seeds"], row["wga"]["values"], row["avg_acc"]["values"], strict=True
+            )
+        }
+        cells = [f"`{row['variant']}`"] + [
+            f"{by_seed[s][0]:.1f} / {by_seed[s][1]:.1f}" if s in by_seed else "-" for s in seeds
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _paired(row: Mapping[str, Any], metric: str) -> dict[str, Any] | None:

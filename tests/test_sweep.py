@@ -26,6 +26,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SWEEP_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "sweeps").glob("[a-z]*.py"))
 
 
+def main_rows(md: str) -> list[str]:
+    """The variant rows of results.md's first table (the paired and per-seed tables follow)."""
+    first = md.split("\n## ")[0]
+    return [line for line in first.splitlines() if line.startswith("| `")]
+
+
 def metrics(wga, group_acc=None):
     acc = group_acc or [0.9, 0.8, wga + 0.05, wga]
     return {
@@ -194,7 +200,7 @@ def test_report_files(fabricated):
     md = (fabricated / "results.md").read_text()
     assert "spurious_shapes/fake/1.0.0" in md and "Seeds: 0, 1, 2" in md
     assert train.SELECTION in md and "Δ WGA" in md and "ddof 1" in md
-    table = [line for line in md.splitlines() if line.startswith("| `")]
+    table = main_rows(md)
     assert [line.split("|")[1].strip() for line in table] == ["`c`", "`a`", "`b`"]
     assert "90.0 ± -" in table[0] and "82.0 ± 2.0" in table[1] and "| —" in table[1]
     assert "**Failed runs** (1" in md and "`b` seed 2: RuntimeError: boom" in md
@@ -228,11 +234,19 @@ def test_paired_column_and_csv(fabricated):
     assert "| Δ WGA | paired Δ WGA [95% CI] |" in md
     assert "paired Δ WGA: mean over the seeds that both finished" in md
     assert "95 % Student-t interval" in md and "resolved, the interval excludes 0" in md
-    table = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| `")}
+    table = {line.split("|")[1].strip(): line for line in main_rows(md)}
     assert "| +8.0 | +10.0 [-, -] (n=1) |" in table["`c`"]
     assert "| — | — |" in table["`a`"]
     assert "| -10.0 | -9.0 [-21.7, +3.7] (n=2) |" in table["`b`"]  # not resolved: no bold
     assert "**" not in "".join(table.values())
+    # Every metric paired (avg = WGA + 20 in the fixture), and the per-seed values.
+    paired_table = md.split("## Paired differences to `a` (test, points)")[1].split("##")[0]
+    assert (
+        "| `b` | -9.0 [-21.7, +3.7] (n=2) | -9.0 [-21.7, +3.7] (n=2) | -9.0 [-21.7, +3.7] (n=2) |"
+        in paired_table
+    )
+    per_seed = md.split("## Per-seed test WGA / avg (plain), %")[1]
+    assert "| `b` | 70.0 / 90.0 | 74.0 / 94.0 |" in per_seed
 
     by_variant = {
         r["variant"]: r
@@ -305,7 +319,7 @@ def test_costs_charge_shared_stages_once_not_to_the_first_variant(tmp_path):
     }
     md = (tmp_path / "results.md").read_text()
     assert "| n | s/run |" in md and "s/run: wall-clock seconds of a run's own stages" in md
-    table = {line.split("|")[1].strip(): line for line in md.splitlines() if line[:3] == "| `"}
+    table = {line.split("|")[1].strip(): line for line in main_rows(md)}
     assert table["`a`"].endswith("| 2 | 48 |") and table["`b`"].endswith("| 2 | 29 |")
     shared = (
         "Shared stages, computed once for all runs (not in s/run): "
