@@ -41,6 +41,8 @@ class DistillConfig:
         (vmapped per-sample Jacobians; any model).
       chunk_size: samples per chunk of the per-sample Gram computation.
       batch_min_weight: lower clip of `agre_batch` weights before normalising.
+      aekd_cap: AE-KD's upper bound C of every teacher's weight (its code's `-C`, 0.6), in
+        (0, 1]; needs C * M >= 1.
       batch_bn: `agre_batch`'s batch-mean gradients (weighting.BATCH_BN): 'through' the
         training-mode forward's BatchNorm statistics (the earlier PyTorch code; the step's own
         pullback, no extra forward) or with them 'fixed' (an extra forward; the convention of
@@ -61,6 +63,7 @@ class DistillConfig:
     chunk_size: int = 8
     batch_min_weight: float = 0.01
     batch_bn: str = "through"
+    aekd_cap: float = 0.6
     gammas: tuple[tuple[str, float], ...] = ()
     feature_loss: str = "mse"
     feature_dropout: float = 0.0
@@ -101,6 +104,7 @@ class DistillConfig:
             self.batch_bn in weighting.BATCH_BN,
             f"unknown batch_bn {self.batch_bn!r}; expected one of {weighting.BATCH_BN}",
         )
+        check(0.0 < self.aekd_cap <= 1.0, f"aekd_cap must be in (0, 1], got {self.aekd_cap}")
         names = [name for name, _ in self.gammas]
         unknown = [n for n in names if n not in models.LAYERS]
         check(not unknown, f"unknown feature layers {unknown}; expected any of {models.LAYERS}")
@@ -335,6 +339,12 @@ def teacher_weights(
         w = weighting.random_teacher(rng, b, m)
         return w, weighting.weight_metrics(w)
     g_t, g_b = weighting.kd_grads(s_logits, t_logits, b_logits, cfg.temperature)
+    if cfg.weighting == "aekd":
+        if cfg.aekd_cap * m < 1 - 1e-9:
+            raise ValueError(f"aekd_cap {cfg.aekd_cap} * {m} teachers < 1: no feasible weights")
+        per_teacher = weighting.aekd_weights(g_t, cap=cfg.aekd_cap, axis_name=axis_name)
+        w = jnp.broadcast_to(per_teacher, (b, m))
+        return w, weighting.weight_metrics(w)
     if cfg.weighting == "agre_batch":
         g_refs = jnp.concatenate([g_t, g_b[None]], axis=0)
         if cfg.grad_scope == "full":

@@ -169,6 +169,13 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
         value = _get(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{key} is {value!r}; expected an integer >= 1")
+    cap = config.distill.get("aekd_cap", 0.6)
+    if config.distill.weighting == "aekd" and m >= 1 and isinstance(cap, int | float):
+        if cap * m < 1 - 1e-9:
+            problems.append(
+                f"distill.aekd_cap is {cap!r}; AE-KD needs cap * teachers >= 1, here "
+                f"{m} teachers: expected a cap in [{1 / m:.4g}, 1]"
+            )
     if t.map not in distill.TEACHER_MAPS:
         problems.append(f"teachers.map is {t.map!r}; expected one of {distill.TEACHER_MAPS}")
     lr = config.dfr.learning_rate

@@ -8,6 +8,8 @@
   the batch-mean gradients, clipped below and normalised. As in that code, the gradients
   flow through the training-mode BatchNorm statistics of the batch (`BATCH_BN` 'through');
   'fixed' holds them constant, the convention of the per-sample weights.
+- `aekd`: AE-KD (Du et al., NeurIPS 2020), one weight per teacher per batch: the minimum-norm
+  point of the teachers' KD gradients in the student's logit space, weights capped at C.
 
 Exact per-sample cosines, cheaply. With z_i the student's logits, the KD gradient with respect
 to the logits is g_r^i = tau * (softmax(z_s / tau) - softmax(z_r / tau)) and
@@ -33,7 +35,7 @@ import numpy as np
 
 from agre_jax import losses
 
-METHODS = ("aver", "random", "agre", "agre_batch")
+METHODS = ("aver", "random", "agre", "agre_batch", "aekd")
 GRAD_SCOPES = ("full", "last_layer")
 EMPTY_ROWS = ("uniform", "drop")
 BATCH_BN = ("through", "fixed")  # agre_batch: BatchNorm statistics in its batch-mean gradients
@@ -414,6 +416,76 @@ def last_layer_batch_grads(pooled: jax.Array, g_refs: jax.Array) -> dict[str, ja
         "kernel": jnp.einsum("bd,rbc->rdc", pooled.astype(jnp.float32), g_refs) / b,
         "bias": jnp.sum(g_refs, axis=1) / b,
     }
+
+
+def project_capped_simplex(v: jax.Array, cap: float, iters: int = 60) -> jax.Array:
+    """Euclidean projection of v [M] onto {w : 0 <= w_t <= cap, sum_t w_t = 1} (cap >= 1/M):
+    w = clip(v - s, 0, cap) with the shift s found by bisection (sum is monotone in s)."""
+    lo = jnp.min(v) - 1.0  # sum >= min(M * cap, ...) >= 1
+    hi = jnp.max(v)  # sum = 0
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        over = jnp.sum(jnp.clip(v - mid, 0.0, cap)) > 1.0
+        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return jnp.clip(v - 0.5 * (lo + hi), 0.0, cap)
+
+
+def aekd_weights(
+    g_teachers: jax.Array,
+    *,
+    cap: float,
+    iters: int = 500,
+    ridge: float = 1e-6,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """AE-KD's teacher weights (Du et al., "Agree to Disagree: Adaptive Ensemble Knowledge
+    Distillation in Gradient Space", NeurIPS 2020, as their public code computes
+    them: github.com/AnTuo1998/AE-KD, helper/loops.py and helper/optimization.py).
+
+    The gradient space is the student's logits: g_t = the batch mean over samples of the
+    gradient of teacher t's KD loss with respect to the student's logits ([C] per teacher;
+    the code hooks `logit_s` and averages the hooked [B, C] gradient over the batch). The
+    weights solve min_w |sum_t w_t g_t|^2 over {0 <= w_t <= cap, sum_t w_t = 1}: the code's
+    one-class SVM dual with nu = 1 / (cap * M) (sklearn's solution divided by M * nu), whose
+    `-C` tolerance (cap) defaults to 0.6, without its optional normalisation of g_t (off by
+    default there). Solved here by accelerated projected gradient (FISTA, `iters` steps of
+    size 1 / lambda_max) with a small ridge pulling towards the uniform weights,
+    ridge * trace(G) / M * |w - 1/M|^2, so that the solution is unique when the Gram matrix
+    is singular (always with fewer classes than teachers: with two classes every g_t is a
+    multiple of (1, -1)). Tested against scipy and sklearn in tests/test_weighting.py.
+
+    Args:
+      g_teachers: [M, B, C] per-sample KD logit gradients (weighting.kd_grads).
+      cap: the upper bound C of every weight, in [1/M, 1].
+      axis_name: pmap axis over which the batch mean runs (the global batch).
+
+    Returns:
+      [M] weights summing to 1, each in [0, cap].
+    """
+    m = g_teachers.shape[0]
+    g = jnp.mean(g_teachers.astype(jnp.float32), axis=1)  # [M, C]
+    if axis_name is not None:
+        g = jax.lax.pmean(g, axis_name)
+    gram = g @ g.T  # [M, M]
+    lam = ridge * jnp.trace(gram) / m + 1e-30
+    hessian = gram + lam * jnp.eye(m)
+    step = 1.0 / jnp.maximum(jnp.linalg.eigvalsh(hessian)[-1], 1e-30)
+    uniform = jnp.full((m,), 1.0 / m)
+
+    def body(_, carry):
+        w, y, t = carry
+        grad = hessian @ y - lam * uniform  # d/dy of y^T G y / 2 + lam |y - u|^2 / 2
+        w_next = project_capped_simplex(y - step * grad, cap)
+        t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+        y_next = w_next + ((t - 1.0) / t_next) * (w_next - w)
+        return w_next, y_next, t_next
+
+    w, _, _ = jax.lax.fori_loop(0, iters, body, (uniform, uniform, jnp.float32(1.0)))
+    return w
 
 
 def entropy(weights: jax.Array) -> jax.Array:

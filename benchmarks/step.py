@@ -57,6 +57,7 @@ METHODS = {
     "agre/full": dict(weighting="agre", grad_scope="full", gram="layerwise"),
     "agre/full-vmap": dict(weighting="agre", grad_scope="full", gram="vmap"),
     "agre_batch": dict(weighting="agre_batch", grad_scope="full"),
+    "aekd": dict(weighting="aekd"),
 }
 TORCH_METHODS = ("aver", "agre_batch")  # the methods TorchReference implements
 GAMMA_POOLED_TORCH = 0.25  # default --gamma-pooled with --compare-torch

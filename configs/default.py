@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict()
     c.distill.temperature = 4.0
     c.distill.alpha = 1.0  # L = alpha * weighted KD + (1 - alpha) * CE + feature loss
-    c.distill.weighting = "agre"  # 'agre', 'agre_batch', 'aver' or 'random'
+    c.distill.weighting = "agre"  # 'agre', 'agre_batch', 'aekd', 'aver' or 'random'
     c.distill.grad_scope = "full"  # 'full' (all student parameters) or 'last_layer'
     c.distill.normalize_grads = True  # False: the paper's Table 6 ablation (raw dot product)
     c.distill.empty_rows = "uniform"  # rows where all teachers pull with the biased model
@@ -113,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # agre_batch gradients: 'through' the batch's BatchNorm statistics (the PyTorch code) or
     # with them 'fixed' (the per-sample weights' convention)
     c.distill.batch_bn = "through"
+    c.distill.aekd_cap = 0.6  # AE-KD: upper bound C of each teacher's weight (its code's -C)
     c.distill.gammas = ml_collections.ConfigDict(
         dict(layer1=0.0, layer2=0.0, layer3=0.0, layer4=0.0, pooled=0.0)
     )

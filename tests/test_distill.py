@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agre_jax import distill, losses, models, optim
+from agre_jax import distill, losses, models, optim, weighting
 
 SIZE, B, M = 8, 8, 3
 
@@ -138,7 +138,7 @@ class StepVariantsTest(chex.TestCase):
 @pytest.mark.parametrize("num_classes", [2, 10])
 def test_identical_teachers_give_the_same_loss_for_every_method(num_classes):
     loss = {}
-    for method in ("aver", "random", "agre", "agre_batch"):
+    for method in weighting.METHODS:
         mdl, frozen, cfg, tx, state, batch = setup(
             num_classes, identical=True, weighting=method, gammas=(("layer4", 0.25),)
         )

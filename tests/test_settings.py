@@ -106,3 +106,16 @@ def test_optimizer_from_config_block():
     assert optim.check_config(block, "train.optimizer", 30) == []
     tx = optim.from_config(block, epochs=2, steps_per_epoch=5)
     assert tx.init({"w": 0.0}) is not None
+
+
+def test_aekd_cap_must_admit_weights_summing_to_one():
+    config = tiny.get_config()  # 2 teachers
+    config.distill.weighting = "aekd"
+    config.distill.aekd_cap = 0.4
+    with pytest.raises(errors.ConfigError, match=r"aekd_cap is 0.4; AE-KD needs cap \* teachers"):
+        settings.validate(config)
+    config.distill.aekd_cap = 1.5
+    with pytest.raises(errors.ConfigError, match=r"aekd_cap must be in \(0, 1\]"):
+        settings.validate(config)
+    config.distill.aekd_cap = 0.5
+    settings.validate(config)

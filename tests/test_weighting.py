@@ -302,3 +302,97 @@ def test_layerwise_gram_refuses_what_it_cannot_decompose():
     ln_params = ln.init(jax.random.key(0), images)["params"]
     with pytest.raises(ValueError, match="other parametrised layers"):
         weighting.layerwise_gram(lambda p, x: ln.apply({"params": p}, x), ln_params, images, 2)
+
+
+def _capped_simplex_qp(gram: np.ndarray, cap: float) -> tuple[np.ndarray, float]:
+    """min_w w^T G w over {0 <= w <= cap, sum w = 1} by scipy's SLSQP (float64)."""
+    from scipy.optimize import minimize
+
+    m = gram.shape[0]
+    res = minimize(
+        lambda w: w @ gram @ w,
+        np.full(m, 1.0 / m),
+        jac=lambda w: 2 * gram @ w,
+        bounds=[(0.0, cap)] * m,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}],
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    assert res.success, res.message
+    return res.x, float(res.fun)
+
+
+def _aekd_reference(g_mean: np.ndarray, cap: float) -> np.ndarray:
+    """AE-KD's public code: a one-class SVM on the precomputed Gram matrix of the batch-mean
+    logit gradients, nu = 1 / (cap * M), weights = dual coefficients / (M * nu)."""
+    from sklearn.svm import OneClassSVM
+
+    m = g_mean.shape[0]
+    nu = 1.0 / (cap * m)
+    svm = OneClassSVM(kernel="precomputed", nu=nu, tol=1e-10).fit(g_mean @ g_mean.T)
+    w = np.zeros(m)
+    w[svm.support_] = svm.dual_coef_[0] / (m * nu)
+    return w
+
+
+@pytest.mark.parametrize("cap", [0.3, 0.6, 1.0])
+def test_capped_simplex_projection_matches_scipy(cap):
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(int(cap * 10))
+    for _ in range(5):
+        v = rng.normal(size=5) * 2
+        ours = np.asarray(weighting.project_capped_simplex(jnp.asarray(v, jnp.float32), cap))
+        ref = minimize(
+            lambda w, v=v: np.sum((w - v) ** 2),
+            np.full(5, 0.2),
+            bounds=[(0.0, cap)] * 5,
+            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}],
+            method="SLSQP",
+            options={"ftol": 1e-14},
+        ).x
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+        assert abs(ours.sum() - 1) < 1e-5 and ours.min() >= 0 and ours.max() <= cap + 1e-7
+
+
+@pytest.mark.parametrize("cap", [0.35, 0.6, 1.0])
+def test_aekd_weights_match_scipy_and_the_reference_svm(cap):
+    """Full-rank Gram (C = 10 > M = 4): the minimum is unique, so the weights themselves
+    agree with scipy's QP and with AE-KD's own one-class SVM formulation (sklearn)."""
+    rng = np.random.default_rng(7)
+    g = rng.normal(size=(4, 6, 10)) + rng.normal(size=(4, 1, 10))  # [M, B, C]
+    ours = np.asarray(weighting.aekd_weights(jnp.asarray(g, jnp.float32), cap=cap))
+    g_mean = g.mean(axis=1)
+    qp, _ = _capped_simplex_qp(g_mean @ g_mean.T, cap)
+    svm = _aekd_reference(g_mean, cap)
+    print(f"\ncap {cap}: ours {ours}, scipy {qp}, sklearn one-class SVM {svm}")
+    np.testing.assert_allclose(ours, qp, atol=1e-5)
+    np.testing.assert_allclose(ours, svm, atol=1e-5)
+    assert abs(ours.sum() - 1) < 1e-5 and ours.max() <= cap + 1e-6
+    if cap == 0.35:  # uncapped, teacher 2 would take 0.55 (see cap 0.6)
+        assert np.isclose(ours.max(), cap, atol=1e-4), "the cap should bind here"
+
+
+def test_aekd_weights_on_a_singular_gram_reach_the_minimum_norm():
+    """Two classes, five teachers: every batch-mean gradient is a multiple of (1, -1) and
+    many weight vectors reach the minimum; ours reaches scipy's objective (the ridge makes
+    the choice unique and deterministic)."""
+    s = jnp.asarray([[0.2, -0.1], [1.5, 0.3], [-0.7, 0.4]] * 2, jnp.float32)  # [B, 2]
+    t = jax.random.normal(jax.random.key(3), (5, 6, 2)) * 2.0
+    g = np.asarray(losses.kd_logit_grad(s, t, TAU), np.float64)
+    ours = np.asarray(weighting.aekd_weights(jnp.asarray(g, jnp.float32), cap=0.6))
+    g_mean = g.mean(axis=1)
+    gram = g_mean @ g_mean.T
+    _, best = _capped_simplex_qp(gram, 0.6)
+    assert ours @ gram @ ours <= best + 1e-6 * np.trace(gram)
+    assert abs(ours.sum() - 1) < 1e-5 and ours.max() <= 0.6 + 1e-6
+
+
+def test_aekd_weights_under_pmap_use_the_global_batch():
+    g = jax.random.normal(jax.random.key(0), (3, 8, 10))
+    ref = weighting.aekd_weights(g, cap=0.5)
+    shards = jnp.stack(jnp.split(g, 4, axis=1))  # [4 devices, M, 2, C]
+    got = jax.pmap(
+        lambda x: weighting.aekd_weights(x, cap=0.5, axis_name="batch"), axis_name="batch"
+    )(shards)
+    np.testing.assert_allclose(got, jnp.broadcast_to(ref, got.shape), atol=1e-5)
