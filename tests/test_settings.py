@@ -2,7 +2,9 @@
 optimisers built from their config blocks."""
 
 import dataclasses
+import importlib
 import math
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,24 @@ def test_aekd_cap_must_admit_weights_summing_to_one():
         settings.validate(config)
     config.distill.aekd_cap = 0.5
     settings.validate(config)
+
+
+CONFIGS = sorted(p.stem for p in Path(default.__file__).parent.glob("[a-z]*.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("preset", default.DATASETS)
+def test_every_named_config_validates_on_every_preset(name, preset):
+    config = importlib.import_module(f"configs.{name}").get_config(preset)
+    settings.validate(config)
+
+
+def test_onehot_and_self_distill_configs():
+    assert importlib.import_module("configs.onehot").get_config().distill.alpha == 0.0
+    for preset in default.DATASETS:
+        c = importlib.import_module("configs.self_distill").get_config(preset)
+        assert (c.student.arch, c.student.width, c.student.small_input) == (
+            c.teachers.arch,
+            c.teachers.width,
+            c.teachers.small_input,
+        )
