@@ -135,12 +135,13 @@ class StepVariantsTest(chex.TestCase):
         assert int(new_state.step) == 1
 
 
-@pytest.mark.parametrize("num_classes", [2, 10])
-def test_identical_teachers_give_the_same_loss_for_every_method(num_classes):
+def test_identical_teachers_give_the_same_loss_for_every_method():
+    """Ten classes: every method's general path (two classes take agre's closed form, which
+    StepVariantsTest and tests/test_weighting.py cover)."""
     loss = {}
     for method in weighting.METHODS:
         mdl, frozen, cfg, tx, state, batch = setup(
-            num_classes, identical=True, weighting=method, gammas=(("layer4", 0.25),)
+            10, identical=True, weighting=method, gammas=(("layer4", 0.25),)
         )
         _, metrics = run(mdl, cfg, tx, state, frozen, batch)
         loss[method] = float(metrics["loss"])
