@@ -163,8 +163,18 @@ CONV_IMPLS = ("auto", "lax")
 # and the stride-2 3x3 conv into a 2 x 2 map has the same cliff in its backward pass (835 ms
 # against 26 ms at 512 channels). At 4 x 4 outputs both ways cost about the same.
 SLICES_MAX_OUTPUT = 4
-# Most input channels for which `conv_few_channels` computes the kernel gradient (the stem).
+# Most input channels for which `conv_matmul_grad` computes the kernel gradient from one
+# matrix of input patches (the stem); with more, it takes one matmul per kernel tap.
 FEW_CHANNELS = 4
+# Fewest multiply-adds (B * Ho * Wo * kh * kw * C * O) of a convolution's kernel gradient for
+# which `conv_matmul_grad` computes it by matmuls. XLA:CPU computes it as a convolution whose
+# contraction is the batch and the map, far below its forward's speed on large maps (ResNet
+# at 224 px, B = 32, 2-core CPU, ms, lax / per-tap matmuls: layer1 3x3 64->64 on 56 x 56
+# 792 / 277, layer2 3x3 on 28 x 28 866 / 148, 3x3 stride 2 56 -> 28 546 / 105, 1x1 stride 2
+# 196 / 7; at 64 px layer1 25.5 / 12.9). Below the threshold the two are within about 20 %
+# either way (32 px, width 8: 2.7 / 2.0, 1.8 / 2.0, 1.2 / 0.9 ms), and lax's is kept, so that
+# the width-8 default's arithmetic (at most 1.9e7 per convolution) is unchanged.
+MATMUL_GRAD_MIN_MACS = 2**25
 _NHWC = lax.ConvDimensionNumbers(
     lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
 )
@@ -210,14 +220,14 @@ def conv_by_slices(
     return lax.dot_general(patches, rows, (((3,), (0,)), ((), ())), precision=precision)
 
 
-def _tap_patches(
+def _tap_slices(
     x: jax.Array,
     kernel_size: Sequence[int],
     strides: Sequence[int],
     padding: Sequence[tuple[int, int]],
-) -> tuple[list[tuple[int, int]], jax.Array]:
-    """(live taps (a, b), [B, Ho, Wo, T * C] patches): for each kernel tap whose slice of the
-    padded input is not all padding, that strided slice; concatenated on the channel axis."""
+) -> tuple[list[tuple[int, int]], list[jax.Array]]:
+    """(live taps (a, b), their [B, Ho, Wo, C] slices): for each kernel tap whose slice of the
+    padded input is not all padding, that strided slice of the padded input."""
     chex.assert_rank(x, 4)
     _, h, w, _ = x.shape
     kh, kw = kernel_size
@@ -241,6 +251,17 @@ def _tap_patches(
     cols = [
         xp[:, a : a + sh * (ho - 1) + 1 : sh, b : b + sw * (wo - 1) + 1 : sw, :] for a, b in taps
     ]
+    return taps, cols
+
+
+def _tap_patches(
+    x: jax.Array,
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> tuple[list[tuple[int, int]], jax.Array]:
+    """(live taps, [B, Ho, Wo, T * C]): `_tap_slices` concatenated on the channel axis."""
+    taps, cols = _tap_slices(x, kernel_size, strides, padding)
     return taps, cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
@@ -251,44 +272,52 @@ def _lax_conv(x, kernel, strides, padding, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_few_channels(
+def conv_matmul_grad(
     x: jax.Array,
     kernel: jax.Array,
     strides: tuple[int, int],
     padding: tuple[tuple[int, int], ...],
     precision: Any = None,
 ) -> jax.Array:
-    """A convolution of a few-channel input (the stem on RGB images): `lax.conv`'s forward
-    and input gradient, and the kernel gradient as one matmul of input patches and output
-    cotangents ([T * C, B * Ho * Wo] x [B * Ho * Wo, O]).
+    """`lax.conv`'s forward and input gradient, with the kernel gradient computed by matmuls
+    of input slices and output cotangents: for at most FEW_CHANNELS input channels (the stem
+    on RGB images) one matmul of all input patches ([T * C, B * Ho * Wo] x [B * Ho * Wo, O]),
+    else one per kernel tap ([C, B * Ho * Wo] x [B * Ho * Wo, O] on the tap's strided slice
+    of the padded input).
 
-    XLA:CPU computes that kernel gradient as a convolution with the batch as its
-    contraction, slowly for 3 input channels: the 7x7 stride-2 stem of a ResNet at 64 px,
-    batch 32, took 168 ms forward + kernel gradient against 60 ms from patches (1250 against
-    650 ms at 224 px), while from patches the forward itself is slower (32 against 12 ms):
-    hence lax forward, patches backward. Same arguments as `conv_by_slices`; values are
-    lax's, gradients equal lax's up to float summation order (tests).
+    XLA:CPU computes the kernel gradient as a convolution with the batch and the map as its
+    contraction, slowly on large maps and for 3 input channels: the 7x7 stride-2 stem of a
+    ResNet at 64 px, batch 32, took 168 ms forward + kernel gradient against 60 ms from
+    patches (1250 against 650 ms at 224 px), and `MATMUL_GRAD_MIN_MACS` gives the other
+    shapes. From patches the forward itself is slower (32 against 12 ms): hence lax forward,
+    matmul kernel gradient. Same arguments as `conv_by_slices`; values are lax's, gradients
+    equal lax's up to float summation order (tests/test_conv.py).
     """
     return _lax_conv(x, kernel, strides, padding, precision)
 
 
-def _few_channels_fwd(x, kernel, strides, padding, precision):
+def _matmul_grad_fwd(x, kernel, strides, padding, precision):
     return _lax_conv(x, kernel, strides, padding, precision), (x, kernel)
 
 
-def _few_channels_bwd(strides, padding, precision, residuals, dy):
+def _matmul_grad_bwd(strides, padding, precision, residuals, dy):
     x, kernel = residuals
     # The input gradient as lax computes it (dead code, removed by XLA, for input images).
     _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, kernel, strides, padding, precision), x)
     (dx,) = vjp_x(dy)
     kh, kw, c, o = kernel.shape
-    taps, patches = _tap_patches(x, (kh, kw), strides, padding)
-    rows = lax.dot_general(
-        patches.reshape(-1, patches.shape[-1]),
-        dy.reshape(-1, o),
-        (((0,), (0,)), ((), ())),
-        precision=precision,
-    ).reshape(len(taps), c, o)
+    dy2 = dy.reshape(-1, o)
+    contract = (((0,), (0,)), ((), ()))
+    if c <= FEW_CHANNELS:
+        taps, patches = _tap_patches(x, (kh, kw), strides, padding)
+        rows = lax.dot_general(
+            patches.reshape(-1, patches.shape[-1]), dy2, contract, precision=precision
+        ).reshape(len(taps), c, o)
+    else:
+        taps, slices = _tap_slices(x, (kh, kw), strides, padding)
+        rows = jnp.stack(
+            [lax.dot_general(s.reshape(-1, c), dy2, contract, precision=precision) for s in slices]
+        )
     if len(taps) == kh * kw:
         dk = rows.reshape(kernel.shape)
     else:  # taps wholly in the padding get no gradient
@@ -298,7 +327,7 @@ def _few_channels_bwd(strides, padding, precision, residuals, dy):
     return dx, dk.astype(kernel.dtype)
 
 
-conv_few_channels.defvjp(_few_channels_fwd, _few_channels_bwd)
+conv_matmul_grad.defvjp(_matmul_grad_fwd, _matmul_grad_bwd)
 
 
 def conv_general_dilated(
@@ -313,11 +342,13 @@ def conv_general_dilated(
     precision: Any = None,
     **kwargs: Any,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`, with outputs of at most SLICES_MAX_OUTPUT positions
-    computed by `conv_by_slices`, and inputs of at most FEW_CHANNELS channels by
-    `conv_few_channels` (for an NHWC/HWIO kernel larger than 1 x 1, no dilation, no groups).
-    The path is chosen statically from the shapes. Given to flax's `nn.Conv` as its
-    `conv_general_dilated`, so that parameters, initialisation and checkpoints stay nn.Conv's.
+    """`lax.conv_general_dilated`, with two other paths for an NHWC/HWIO convolution without
+    dilation or groups: a kernel larger than 1 x 1 with outputs of at most SLICES_MAX_OUTPUT
+    positions is computed by `conv_by_slices`; one of at most FEW_CHANNELS input channels,
+    or whose kernel gradient takes at least MATMUL_GRAD_MIN_MACS multiply-adds, by
+    `conv_matmul_grad`. The path is chosen statically from the shapes. Given to flax's
+    `nn.Conv` as its `conv_general_dilated`, so that parameters, initialisation and
+    checkpoints stay nn.Conv's.
     """
     pads = _explicit(padding, lhs.ndim - 2)
     plain = (
@@ -327,16 +358,17 @@ def conv_general_dilated(
         and feature_group_count == 1
         and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
         and not kwargs
-        and rhs.shape[0] * rhs.shape[1] > 1
     )
     if plain:
         (pt, pb), (pl, pr) = pads
-        ho = (lhs.shape[1] + pt + pb - rhs.shape[0]) // window_strides[0] + 1
-        wo = (lhs.shape[2] + pl + pr - rhs.shape[1]) // window_strides[1] + 1
-        if 0 < ho * wo <= SLICES_MAX_OUTPUT:
+        kh, kw, c, o = rhs.shape
+        ho = (lhs.shape[1] + pt + pb - kh) // window_strides[0] + 1
+        wo = (lhs.shape[2] + pl + pr - kw) // window_strides[1] + 1
+        if kh * kw > 1 and 0 < ho * wo <= SLICES_MAX_OUTPUT:
             return conv_by_slices(lhs, rhs, window_strides, pads, precision)
-        if lhs.shape[-1] <= FEW_CHANNELS:
-            return conv_few_channels(lhs, rhs, tuple(window_strides), pads, precision)
+        macs = lhs.shape[0] * ho * wo * kh * kw * c * o
+        if (kh * kw > 1 and c <= FEW_CHANNELS) or macs >= MATMUL_GRAD_MIN_MACS:
+            return conv_matmul_grad(lhs, rhs, tuple(window_strides), pads, precision)
     return lax.conv_general_dilated(
         lhs,
         rhs,

@@ -1,6 +1,7 @@
-"""The small-map convolution path (models.conv_general_dilated / conv_by_slices) against
-`lax.conv_general_dilated`: values and gradients, for every convolution the ResNets route to
-it, and whole ResNets with conv_impl 'auto' against 'lax'."""
+"""The convolution paths of models.conv_general_dilated (conv_by_slices for small maps,
+conv_matmul_grad for the stem and large kernel gradients) against `lax.conv_general_dilated`:
+values and gradients, for every convolution the ResNets route to them, and whole ResNets with
+conv_impl 'auto' against 'lax'."""
 
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ def _close(actual, expected, what: str, tol: float = TOL) -> None:
 
 def _routed_convs() -> dict[str, set[tuple]]:
     """{path: {(input shape, kernel shape, strides, padding)}} of every convolution that
-    ResNet-18/50 (width 8; ResNet-34's shapes are ResNet-18's) route to conv_by_slices
-    ('slices') or conv_few_channels ('few_channels') at 16, 32, 64 and 224 px, with either
-    stem."""
-    seen: dict[str, set[tuple]] = {"slices": set(), "few_channels": set()}
-    real = {"slices": models.conv_by_slices, "few_channels": models.conv_few_channels}
+    ResNet-18/50 route to conv_by_slices ('slices') or conv_matmul_grad ('matmul_grad') at
+    16, 32, 64 and 224 px, with either stem, batch 32 and width 64 (ResNet-34's convolutions
+    have ResNet-18's shapes: more blocks of the same stages; at width 8 only the stems take
+    conv_matmul_grad, as at 64)."""
+    seen: dict[str, set[tuple]] = {"slices": set(), "matmul_grad": set()}
+    real = {"slices": models.conv_by_slices, "matmul_grad": models.conv_matmul_grad}
 
     def recorder(path):
         def record(x, kernel, strides, padding, precision=None):
@@ -41,27 +43,42 @@ def _routed_convs() -> dict[str, set[tuple]]:
         return record
 
     models.conv_by_slices = recorder("slices")
-    models.conv_few_channels = recorder("few_channels")
+    models.conv_matmul_grad = recorder("matmul_grad")
     try:
-        # ResNet-34's convolutions have ResNet-18's shapes (more blocks of the same stages).
         for arch in ("resnet18", "resnet50"):
             for small in (False, True):
-                model = models.create(arch, 2, width=8, small_input=small)
+                model = models.create(arch, 2, width=64, small_input=small)
                 for size in (16, 32, 64, 224):
                     jax.eval_shape(
                         functools.partial(model.init, train=False),
                         jax.random.key(0),
-                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+                        jax.ShapeDtypeStruct((32, size, size, 3), jnp.float32),
                     )
     finally:
         models.conv_by_slices = real["slices"]
-        models.conv_few_channels = real["few_channels"]
+        models.conv_matmul_grad = real["matmul_grad"]
     return seen
 
 
 _ROUTES = _routed_convs()
 ROUTED = sorted(_ROUTES["slices"])
-FEW_CHANNELS = sorted(_ROUTES["few_channels"])
+
+
+def _matmul_grad_cases() -> list[tuple]:
+    """The matmul-gradient path's cases, channels aside (the test sets them: the path depends
+    on them only through FEW_CHANNELS): per kernel, stride, padding and kind, the largest map
+    routed there, and for the stems also the smallest (taps wholly in the padding)."""
+    maps: dict[tuple, set] = {}
+    for shape, kernel, strides, padding in _ROUTES["matmul_grad"]:
+        key = (kernel[:2], strides, padding, shape[2] <= models.FEW_CHANNELS)
+        maps.setdefault(key, set()).add(shape[:2])
+    cases = set()
+    for key, hws in maps.items():
+        cases |= {(max(hws), *key), (min(hws), *key) if key[-1] else (max(hws), *key)}
+    return sorted(cases)
+
+
+MATMUL_GRAD = _matmul_grad_cases()
 
 
 def test_the_resnets_route_their_small_map_convs():
@@ -71,10 +88,37 @@ def test_the_resnets_route_their_small_map_convs():
     assert ((3, 3), (1, 1)) in kernels and ((3, 3), (2, 2)) in kernels
     assert all(k[:2] != (1, 1) for _, k, _, _ in ROUTED)
     assert len(ROUTED) >= 6
-    # The stems on RGB images (7x7 stride 2 and the small-input 3x3) take the few-channel path.
-    stems = {(k[:2], s) for _, k, s, _ in FEW_CHANNELS}
+    # The stems on RGB images (7x7 stride 2 and the small-input 3x3) take the matmul-gradient
+    # path, as do the 3x3 and 1x1 convolutions on large maps at width 64 (224 px: 56 x 56).
+    routed = _ROUTES["matmul_grad"]
+    stems = {(k[:2], s) for x, k, s, _ in routed if x[-1] <= models.FEW_CHANNELS}
     assert stems == {((7, 7), (2, 2)), ((3, 3), (1, 1))}
-    assert all(shape[-1] == 3 for shape, _, _, _ in FEW_CHANNELS)
+    assert {x[-1] for x, *_ in routed} > {3, 64, 128, 256}
+    assert ((56, 56, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))) in routed
+    assert any(k[:2] == (1, 1) and s == (2, 2) for _, k, s, _ in routed)
+
+
+def test_the_width8_default_keeps_lax_kernel_gradients():
+    """configs/default.py's synthetic networks (ResNet-18, width 8, small-input stem, 32 px,
+    batch 32): only the stem takes conv_matmul_grad, so its arithmetic is unchanged."""
+    seen = []
+    real = models.conv_matmul_grad
+
+    def record(x, kernel, *args):
+        seen.append(x.shape)
+        return real(x, kernel, *args)
+
+    models.conv_matmul_grad = record
+    try:
+        model = models.create("resnet18", 2, width=8, small_input=True)
+        jax.eval_shape(
+            functools.partial(model.init, train=False),
+            jax.random.key(0),
+            jax.ShapeDtypeStruct((32, 32, 32, 3), jnp.float32),
+        )
+    finally:
+        models.conv_matmul_grad = real
+    assert seen == [(32, 32, 32, 3)]
 
 
 def _lax(strides, padding):
@@ -86,15 +130,19 @@ def _lax(strides, padding):
     )
 
 
-@pytest.mark.parametrize("case", FEW_CHANNELS, ids=lambda c: f"in{c[0]}_k{c[1]}_s{c[2]}_p{c[3]}")
-def test_conv_few_channels_equals_lax_conv(case):
-    """Every stem shape the ResNets route there (16 to 224 px): values and both gradients,
+@pytest.mark.parametrize(
+    "case", MATMUL_GRAD, ids=lambda c: f"in{c[0]}_k{c[1]}_s{c[2]}_p{c[3]}_few{c[4]}"
+)
+def test_conv_matmul_grad_equals_lax_conv(case):
+    """The convolution shapes the ResNets route there (16 to 224 px), batch 2, with 3 input
+    channels (the stem's patches) or 8 (one matmul per tap): values and both gradients,
     inside jit and under vmap (per-sample gradients, gram='vmap')."""
-    in_shape, kernel_shape, strides, padding = case
-    x = jax.random.normal(jax.random.key(0), (2, *in_shape))
-    kernel = jax.random.normal(jax.random.key(1), kernel_shape[:3] + (5,))
+    (h, w), (kh, kw), strides, padding, few = case
+    c = 3 if few else 8
+    x = jax.random.normal(jax.random.key(0), (2, h, w, c))
+    kernel = jax.random.normal(jax.random.key(1), (kh, kw, c, 5))
     ref = _lax(strides, padding)
-    ours = jax.jit(functools.partial(models.conv_few_channels, strides=strides, padding=padding))
+    ours = jax.jit(functools.partial(models.conv_matmul_grad, strides=strides, padding=padding))
     expected, vjp_ref = jax.vjp(lambda a, b: ref(a, b), x, kernel)
     actual, vjp_ours = jax.vjp(ours, x, kernel)
     _close(actual, expected, "values")
@@ -142,7 +190,7 @@ def test_conv_by_slices_equals_lax_conv(case):
 )
 def test_conv_by_slices_other_shapes(h, k, stride, pad):
     """Shapes beyond the ResNets': odd maps, even kernels, a 7x7 stem on a tiny image, and
-    taps wholly in the padding (left out)."""
+    taps wholly in the padding (left out), for conv_by_slices and conv_matmul_grad."""
     x = jax.random.normal(jax.random.key(3), (2, h, h + 1, 5))
     kernel = jax.random.normal(jax.random.key(4), (k, k, 5, 7))
     padding = ((pad, pad), (pad, pad))
@@ -160,6 +208,21 @@ def test_conv_by_slices_other_shapes(h, k, stride, pad):
         )
     )
     _close(grad(kernel), grad_ref(kernel), "d kernel")
+    strides = (stride, stride)
+    for c in (3, 5):  # conv_matmul_grad's patches (few channels) and per-tap matmuls
+        xc, kc = x[..., :c], kernel[:, :, :c]
+        grad = jax.grad(
+            lambda k_, xc=xc: jnp.sum(models.conv_matmul_grad(xc, k_, strides, padding) ** 2)
+        )
+        ref = jax.grad(
+            lambda k_, xc=xc: jnp.sum(
+                lax.conv_general_dilated(
+                    xc, k_, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+                )
+                ** 2
+            )
+        )
+        _close(grad(kc), ref(kc), f"conv_matmul_grad d kernel, {c} channels")
 
 
 def _primitives(fn, *args) -> set[str]:
@@ -179,7 +242,12 @@ def test_path_is_chosen_from_the_shapes():
     assert "conv_general_dilated" in _primitives(conv, jnp.zeros((1, 8, 8, 8)), kernel)
     few = _primitives(conv, jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 8)))
     assert "custom_vjp_call" in few and "conv_general_dilated" not in few
-    # 1x1 kernels and grouped convs keep lax's convolution.
+    # A large kernel gradient (here 56 x 56 x 64, 3x3, batch 32) takes matmuls, a 1x1 one too.
+    big = jnp.zeros((32, 56, 56, 64))
+    for k in (3, 1):
+        prims = _primitives(conv, big, jnp.zeros((k, k, 64, 64)))
+        assert "custom_vjp_call" in prims and "conv_general_dilated" not in prims
+    # Small 1x1 kernels and grouped convs keep lax's convolution.
     assert "conv_general_dilated" in _primitives(
         conv, jnp.zeros((1, 2, 2, 8)), jnp.zeros((1, 1, 8, 8))
     )
@@ -190,11 +258,14 @@ def test_path_is_chosen_from_the_shapes():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_resnet_auto_equals_lax(arch):
+def test_resnet_auto_equals_lax(arch, monkeypatch):
     """A whole ResNet at 64 px (layer4 on 2 x 2 maps): logits, captured features and every
     parameter gradient of conv_impl 'auto' equal 'lax''s; same parameter tree. Computed in
     float64, where the two summation orders agree to ~1e-14 (in float32 the gradients of the
-    50-layer network differ by rounding, up to ~3e-5 of their magnitude)."""
+    50-layer network differ by rounding, up to ~3e-5 of their magnitude). Every convolution
+    that conv_by_slices does not take takes conv_matmul_grad's kernel gradient here (its
+    threshold set to 0; at these sizes only the stem would)."""
+    monkeypatch.setattr(models, "MATMUL_GRAD_MIN_MACS", 0)
     auto = models.create(arch, 3, width=4)
     plain = models.create(arch, 3, width=4, conv_impl="lax")
     variables = models.init(auto, jax.random.key(0), 64)
