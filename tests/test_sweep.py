@@ -519,13 +519,14 @@ def test_sweep_configs_plan_on_every_preset(tmp_path, name, preset):
     if name != "tiny":
         assert s["seeds"] == [0, 1, 2]
     # Sweeping the student's seed keeps the teacher and DFR stages shared: one data config,
-    # and one pair of stage keys given that data (stage_keys reads only `data.key`).
+    # and one pair of stage keys given that data (stage_keys reads only `data.key`), per
+    # ensemble size (configs/sweeps/ensemble_size.py trains one teacher stage per size).
     assert {json.dumps(r.config.data.to_dict(), sort_keys=True) for r in runs} == {
         json.dumps(config.data.to_dict(), sort_keys=True)
     }
     data = types.SimpleNamespace(key="the-data")
     keys = {(k.teachers, k.dfr) for k in (stages.stage_keys(r.config, data) for r in runs)}
-    assert len(keys) == 1
+    assert len(keys) == len({r.config.teachers.num for r in runs})
 
 
 class FakeTrainer:
