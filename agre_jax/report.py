@@ -65,7 +65,7 @@ MAX_WEIGHT_PANELS = 12
 WGA_AXIS = "worst-group test accuracy (%)"
 # Stages in results.json: a run's own, and those shared by the runs of one stage directory.
 OWN_STAGES = ("distill", "evaluate")
-SHARED_STAGES = ("data", "pretrain", "teachers", "dfr")
+SHARED_STAGES = ("data", "pretrain", "teachers", "dfr", "deep_ensemble")
 CONFIDENCE = 0.95  # of the paired intervals against the baseline
 
 
@@ -396,7 +396,7 @@ def teacher_rows(done: Sequence[RunRecord]) -> list[dict[str, Any]]:
                 name = f"{kind} teachers, mean of {len(members)} (± std over teachers)"
                 rows.setdefault((source, name), _teacher_row(source, name, members))
         for k, m in tests.items():
-            if k.startswith("ensemble"):
+            if k.startswith(("ensemble", "Deep Ensemble")):
                 rows.setdefault((source, k), _teacher_row(source, k, [m]))
     return list(rows.values())
 

@@ -188,6 +188,9 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
     ):
         epochs = epochs if isinstance(epochs, int) and epochs >= 1 else 0
         problems += optim.check_config(_get(config, key), key, epochs)
+    deep = config.baselines.deep_ensemble
+    if not isinstance(deep, bool):
+        problems.append(f"baselines.deep_ensemble is {deep!r}; expected True or False")
     return problems + _pretrain_problems(config)
 
 

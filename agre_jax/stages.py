@@ -622,6 +622,20 @@ def teachers_stage(
     )
 
 
+def deep_ensemble_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config whose teachers are the student-size Deep Ensemble: the teachers' ERM settings
+    (num, seed, epochs, batch size, augmentation, optimiser, map) with the student's
+    architecture, width, stem and ported starting weights (the paper's Deep Ensemble baseline:
+    a majority vote of M models of the student's capacity). Through `stage_keys` and
+    `teachers_stage` it is a teacher stage like any other, cached on its content: when the
+    teachers already have the student's architecture and start, it is theirs."""
+    c = config.copy_and_resolve_references()
+    for k in ("arch", "width", "small_input", "init_from"):
+        c.teachers[k] = config.student[k]
+    c.teachers.checkpoints = ()
+    return c
+
+
 def _graft(fresh: dict, loaded: dict, path: str) -> dict:
     """A teacher's fresh variables with the init_from backbone grafted on (its own head)."""
     try:
@@ -1003,6 +1017,19 @@ def teacher_test_logits(data: Dataset, t: Teachers, heads: DFRHeads) -> dict[str
     return out
 
 
+def _test_logits(data: Dataset, t: Teachers, heads: DFRHeads) -> dict[str, np.ndarray]:
+    """teacher_test_logits, checked to be of this test split."""
+    t_logits = teacher_test_logits(data, t, heads)
+    test = data.splits["test"]
+    labels, groups = t_logits["label"], t_logits["group"]
+    if not (np.array_equal(labels, test.label) and np.array_equal(groups, test.group)):
+        raise RuntimeError(
+            f"cached teacher test logits in {heads.directory} are not of this test split "
+            f"({labels.size} vs {test.num_examples} examples): stage keys missed an input"
+        )
+    return t_logits
+
+
 def evaluate_stage(
     data: Dataset,
     t: Teachers,
@@ -1010,17 +1037,13 @@ def evaluate_stage(
     kinds: Sequence[str],
     student: Student,
     student_model: models.ResNet,
+    deep_ensemble: tuple[Teachers, DFRHeads] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Test metrics of every ERM and DFR teacher, the ensembles and the student, all on the
-    same examples (checked)."""
-    t_logits = teacher_test_logits(data, t, heads)
+    """Test metrics of every ERM and DFR teacher, the ensembles, the student-size Deep
+    Ensemble (majority votes of its ERM and of its DFR networks; when given) and the
+    student, all on the same examples (checked)."""
+    t_logits = _test_logits(data, t, heads)
     labels, groups = t_logits["label"], t_logits["group"]
-    test = data.splits["test"]
-    if not (np.array_equal(labels, test.label) and np.array_equal(groups, test.group)):
-        raise RuntimeError(
-            f"cached teacher test logits in {heads.directory} are not of this test split "
-            f"({labels.size} vs {test.num_examples} examples): stage keys missed an input"
-        )
     results: dict[str, dict] = {}
     for kind in ("ERM", "DFR"):
         for i, lg in enumerate(t_logits[kind.lower()]):
@@ -1032,6 +1055,14 @@ def evaluate_stage(
         ens["avg_logits"], labels, groups
     )
     results[f"ensemble ({composition}), majority"] = data.summarize(ens["majority"], labels, groups)
+    if deep_ensemble is not None:
+        d_logits = _test_logits(data, *deep_ensemble)
+        m = len(deep_ensemble[0].variables)
+        for kind in ("ERM", "DFR"):
+            votes = evaluation.ensemble_predictions(d_logits[kind.lower()])["majority"]
+            results[f"Deep Ensemble (student size, {m} {kind}), majority"] = data.summarize(
+                votes, labels, groups
+            )
     predict = jax.jit(lambda v, x: student_model.apply(v, x, train=False))
     for name, variables in (
         ("student (best val WGA)", student.best),
@@ -1039,6 +1070,6 @@ def evaluate_stage(
     ):
         results[name] = data.evaluate(functools.partial(predict, variables), "test")
     ns = {r["n"] for r in results.values()}
-    if ns != {test.num_examples}:
+    if ns != {data.splits["test"].num_examples}:
         raise RuntimeError(f"report rows were computed on different examples: n = {sorted(ns)}")
     return results

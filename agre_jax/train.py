@@ -85,6 +85,11 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         pretrained=pretrain_keys,
         student_init=s_init,
     )
+    de_config = de_keys = None
+    if config.baselines.deep_ensemble:
+        de_config = stages.deep_ensemble_config(config)
+        de_pretrained = {"teachers": pretrain_keys["student"]} if pretrain_keys else {}
+        de_keys = stages.stage_keys(de_config, data, init=s_init, pretrained=de_pretrained)
     wd.prepare(run_dir, config, overwrite)
     distill_dir = run_dir / "distill"
     stages.check_distill_inputs(distill_dir, keys.inputs, overwrite)
@@ -96,18 +101,29 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         groups = f"examples per group ({data.num_groups}): {core.describe_count_range(counts)}"
     print(f"[data] {data.name}: {sizes}; {groups}")
 
-    pretrained = None
+    pretrained, de_init = None, s_init
     if pdata is not None:
         # Ported weights (init_from) and pretraining exclude each other (settings.validate).
         pretrained = stages.pretrain_stage(config, pdata, stage_dir, pretrain_keys)
         t_init = pretrained.backbones.get("teachers")
-        s_init = pretrained.backbones["student"]
+        s_init = de_init = pretrained.backbones["student"]
     teachers = stages.teachers_stage(
         config, data, stage_dir, keys.teachers, ported=ported, init=t_init
     )
     # DFR heads are fitted even when no teacher uses them: the report shows the DFR teachers.
     heads = stages.dfr_stage(config, data, teachers, stage_dir, keys.dfr)
     ens = stages.build_ensemble(config, teachers, heads, biased, keys.inputs)
+    deep = None
+    if de_config is not None:
+        print(
+            f"[deep ensemble] {config.teachers.num} ERM networks of the student's architecture "
+            f"({config.student.arch}, width {config.student.width}) with DFR heads: a teacher "
+            "stage"
+        )
+        d_teachers = stages.teachers_stage(
+            de_config, data, stage_dir, de_keys.teachers, init=de_init
+        )
+        deep = (d_teachers, stages.dfr_stage(de_config, data, d_teachers, stage_dir, de_keys.dfr))
     student_model = settings.model(config.student, data.num_classes, data.dtype)
     init = None
     if s_init is not None:
@@ -121,17 +137,29 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         )
     student = stages.distill_stage(config, data, ens, distill_dir, run_layout, init)
     t0 = time.time()
-    results = stages.evaluate_stage(data, teachers, heads, ens.kinds, student, student_model)
+    results = stages.evaluate_stage(data, teachers, heads, ens.kinds, student, student_model, deep)
     records = {
         "data": stages.StageRecord(data_seconds, False),
         **({"pretrain": pretrained.record} if pretrained else {}),
         "teachers": teachers.record,
         "dfr": heads.record,
+        **({"deep_ensemble": _deep_record(deep, de_keys, keys)} if deep else {}),
         "distill": student.record,
         "evaluate": stages.StageRecord(round(time.time() - t0, 1), False),
     }
     return write_report(
         config, run_dir, data, teachers, heads, ens, student, results, records, start, pretrained
+    )
+
+
+def _deep_record(deep, de_keys: stages.Keys, keys: stages.Keys) -> stages.StageRecord:
+    """The Deep Ensemble's teacher and DFR stages as one record (seconds summed, reused if
+    both were); no seconds when they are the teachers' own stages (same keys)."""
+    t, heads = deep[0].record, deep[1].record
+    if (de_keys.teachers, de_keys.dfr) == (keys.teachers, keys.dfr):
+        return stages.StageRecord(0.0, True, t.directory)
+    return stages.StageRecord(
+        round(t.seconds + heads.seconds, 1), t.reused and heads.reused, t.directory
     )
 
 

@@ -100,6 +100,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.augment = False  # as teachers.augment
     c.pretrain.optimizer = _optimizer(0.05, 5e-4)  # from scratch, as ImageNet training (lr 0.1)
 
+    # Baselines beside the distilled student, in the same report.
+    c.baselines = ml_collections.ConfigDict()
+    # The paper's Deep Ensemble: teachers.num ERM networks of the student's architecture
+    # (trained as the teachers are, from the student's starting weights), with DFR heads;
+    # the report gains their majority votes. A cached stage like the teachers'.
+    c.baselines.deep_ensemble = False
+
     c.distill = ml_collections.ConfigDict()
     c.distill.temperature = 4.0
     c.distill.alpha = 1.0  # L = alpha * weighted KD + (1 - alpha) * CE + feature loss

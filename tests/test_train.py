@@ -3,6 +3,7 @@ the tiny config, each compiled step traced once, reuse that keeps the recorded s
 and stage keys that follow content, not paths."""
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -104,3 +105,47 @@ def test_damaged_stage_is_one_workdir_error(run, tmp_path):
     config.stage_dir = str(stage_dir)
     with pytest.raises(errors.WorkdirError, match="is damaged"):
         train.train_and_evaluate(config, tmp_path / "w")
+
+
+def test_deep_ensemble_of_student_size(run, tmp_path, capsys):
+    """baselines.deep_ensemble: M ERM networks of the student's architecture (width 8 here,
+    the teachers' 4), trained as a teacher stage, with DFR heads; their majority votes in the
+    report, equal to votes recomputed from the saved networks. With the teachers' own
+    architecture the stage is theirs (same keys)."""
+    import jax
+    import numpy as np
+
+    from agre_jax import checkpoints, evaluation, settings
+
+    work, _ = run
+    config = small_config()
+    config.stage_dir = str(work / "stages")  # the fixture's teachers and DFR heads: reused
+    config.student.width = 8
+    config.baselines.deep_ensemble = True
+    report = train.train_and_evaluate(config, tmp_path / "w")
+    out = capsys.readouterr().out
+    assert "[deep ensemble] 2 ERM networks of the student's architecture (resnet18, width 8)" in out
+    assert (
+        report["stages"]["teachers"]["reused"] and not report["stages"]["deep_ensemble"]["reused"]
+    )
+    directory = Path(report["stages"]["deep_ensemble"]["directory"])
+    data = stages.load_data(config)
+    model = settings.model(config.student, data.num_classes, data.dtype)
+    predict = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    logits = []
+    for m in range(2):
+        variables, info = checkpoints.load_variables(directory / f"erm_{m}")
+        assert info["model_options"]["width"] == 8
+        got = evaluation.collect(functools.partial(predict, variables), data.eval_batches("test"))
+        logits.append(got["output"])
+    test = data.splits["test"]
+    votes = evaluation.ensemble_predictions(np.stack(logits))["majority"]
+    want = data.summarize(votes, test.label, test.group)
+    got = report["test"]["Deep Ensemble (student size, 2 ERM), majority"]
+    assert got["wga"] == want["wga"] and got["avg_acc"] == want["avg_acc"]
+    assert "Deep Ensemble (student size, 2 DFR), majority" in report["test"]
+
+    same = small_config()
+    keys = stages.stage_keys(same, data)
+    de_keys = stages.stage_keys(stages.deep_ensemble_config(same), data)
+    assert (de_keys.teachers, de_keys.dfr) == (keys.teachers, keys.dfr)
