@@ -48,7 +48,10 @@ class DistillConfig:
         pullback, no extra forward) or with them 'fixed' (an extra forward; the convention of
         the per-sample weights).
       gammas: ((layer, gamma), ...) for the feature loss; gamma 0 layers are ignored.
-      feature_loss: 'mse' (through 1x1-conv / Dense adapters) or 'attention'.
+      feature_loss: 'mse' (through 1x1-conv / Dense adapters), 'attention' (transfer) or
+        'crd' (contrastive, losses.crd_loss, through models.CRDHeads; the `pooled` layer only).
+      crd_dim: CRD's embedding width d.
+      crd_temperature: CRD's InfoNCE temperature.
       feature_dropout: feature-channel dropout rate in the feature loss.
       teacher_map: how a stack of teachers runs, see models.map_stacked.
     """
@@ -66,6 +69,8 @@ class DistillConfig:
     aekd_cap: float = 0.6
     gammas: tuple[tuple[str, float], ...] = ()
     feature_loss: str = "mse"
+    crd_dim: int = 128
+    crd_temperature: float = 0.07
     feature_dropout: float = 0.0
     teacher_map: str = "unroll"
 
@@ -118,6 +123,19 @@ class DistillConfig:
         check(
             not (self.feature_loss == "attention" and "pooled" in self.feature_layers),
             "attention transfer needs spatial layers; 'pooled' has none",
+        )
+        check(
+            self.feature_loss != "crd" or self.feature_layers in ((), ("pooled",)),
+            f"CRD contrasts pooled embeddings: set only gammas.pooled, not {self.feature_layers}",
+        )
+        check(
+            self.feature_loss != "crd" or self.feature_dropout == 0,
+            "feature_dropout does not apply to crd; set it to 0",
+        )
+        check(self.crd_dim >= 1, f"crd_dim must be >= 1, got {self.crd_dim}")
+        check(
+            math.isfinite(self.crd_temperature) and self.crd_temperature > 0,
+            f"crd_temperature must be a finite number > 0, got {self.crd_temperature}",
         )
         check(
             0.0 <= self.feature_dropout < 1.0,
@@ -180,7 +198,7 @@ class Models:
     """Student, adapters and frozen ensemble (static parts of the step)."""
 
     student: models.ResNet
-    adapters: models.FeatureAdapters | None
+    adapters: models.FeatureAdapters | models.CRDHeads | None
     ensemble: Ensemble
 
 
@@ -231,6 +249,8 @@ def create_models(student: models.ResNet, ensemble: Ensemble, cfg: DistillConfig
                 )
         if cfg.feature_loss == "mse":
             adapters = models.create_adapters(student, ensemble.teachers[0], layers)
+        elif cfg.feature_loss == "crd":
+            adapters = models.CRDHeads(cfg.crd_dim, sum(ensemble.group_sizes))
     return Models(student=student, adapters=adapters, ensemble=ensemble)
 
 
@@ -247,7 +267,15 @@ def create_train_state(
     if student_variables is None:
         student_variables = models.init(mdl.student, s_rng, image_size)
     params = {"student": student_variables["params"], "adapters": {}}
-    if mdl.adapters is not None:
+    if isinstance(mdl.adapters, models.CRDHeads):
+        widths = (
+            models.feature_channels(mdl.student)["pooled"],
+            models.feature_channels(mdl.ensemble.teachers[0])["pooled"],
+        )
+        m = mdl.adapters.num_teachers
+        dummy = jnp.zeros((1, widths[0])), jnp.zeros((m, 1, widths[1]))
+        params["adapters"] = mdl.adapters.init(a_rng, *dummy)["params"]
+    elif mdl.adapters is not None:
         dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         _, feats = jax.eval_shape(
             functools.partial(
@@ -464,7 +492,17 @@ def distill_step(
         loss = cfg.alpha * l_kd + (1.0 - cfg.alpha) * l_ce
         aux = {"kd_loss": l_kd, "ce_loss": l_ce}
         aux.update({f"kd/{t}": v for t, v in enumerate(jnp.mean(kd, axis=1))})
-        if layers:
+        if layers and cfg.feature_loss == "crd":
+            # Each teacher's normalised embedding, combined with the teacher weights.
+            s_emb, t_emb = mdl.adapters.apply(
+                {"params": adapter_params}, feats["pooled"], t_feats["pooled"]
+            )
+            target = jnp.einsum("bm,mbd->bd", weights, losses.l2_normalize(t_emb))
+            l_crd = losses.crd_loss(s_emb, target, cfg.crd_temperature, sample_weight=keep)
+            l_feat = dict(cfg.gammas)["pooled"] * l_crd
+            loss = loss + l_feat
+            aux.update({"feat_loss": l_feat, "feat/pooled": l_crd})
+        elif layers:
             student_feats = {k: feats[k] for k in layers}
             if mdl.adapters is not None:
                 student_feats = mdl.adapters.apply({"params": adapter_params}, student_feats)

@@ -16,7 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-FEATURE_LOSSES = ("mse", "attention")
+FEATURE_LOSSES = ("mse", "attention", "crd")
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
@@ -171,3 +171,53 @@ def feature_loss(
         per_layer[name] = layer_loss
         total = total + gamma * layer_loss
     return total, per_layer
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """x / max(||x||, 1e-12) along `axis`, in float32 (torch.nn.functional.normalize)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def crd_loss(
+    student_emb: jax.Array,
+    teacher_emb: jax.Array,
+    temperature: float,
+    sample_weight: jax.Array | None = None,
+) -> jax.Array:
+    """Contrastive representation distillation with in-batch negatives: InfoNCE in both
+    directions between L2-normalised student and teacher embeddings.
+
+    CRD (Tian et al., ICLR 2020) contrasts each student embedding with its own example's
+    teacher embedding against N negatives drawn from a memory bank, and each teacher embedding
+    likewise (its code sums the two directions). Here the negatives are the batch's other
+    examples (no memory bank) and the bound is InfoNCE's (the paper's eq. 10 family):
+
+        L_i = -log softmax_j(s_i . t_j / tau)[i] - log softmax_j(t_i . s_j / tau)[i]
+
+    Args:
+      student_emb: [B, d] student embeddings (normalised here).
+      teacher_emb: [B, d] teacher embeddings (normalised here; e.g. the teacher-weighted
+        combination of each teacher's normalised embedding).
+      temperature: tau > 0 (CRD's default 0.07).
+      sample_weight: optional [B] weights in {0, 1}: rows of weight 0 (dropped from
+        distillation) are neither anchors nor negatives; the loss is sum_i w_i L_i / B.
+
+    Returns:
+      The float32 scalar loss.
+    """
+    chex.assert_rank([student_emb, teacher_emb], 2)
+    chex.assert_equal_shape([student_emb, teacher_emb])
+    s, t = l2_normalize(student_emb), l2_normalize(teacher_emb)
+    logits = s @ t.T / temperature  # [B, B]: student anchors in rows, teachers in columns
+    if sample_weight is not None:
+        keep = sample_weight > 0
+        mask = keep[None, :] & keep[:, None]
+        logits = jnp.where(mask | jnp.eye(s.shape[0], dtype=bool), logits, -jnp.inf)
+    diagonal = jnp.diagonal(logits)
+    per_sample = (
+        jax.nn.logsumexp(logits, axis=1) - diagonal + jax.nn.logsumexp(logits, axis=0) - diagonal
+    )
+    if sample_weight is None:
+        return jnp.mean(per_sample)
+    return jnp.sum(jnp.where(keep, per_sample, 0.0) * sample_weight) / s.shape[0]

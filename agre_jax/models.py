@@ -841,6 +841,39 @@ class FeatureAdapters(nn.Module):
         return out
 
 
+class CRDHeads(nn.Module):
+    """CRD's embedding heads (Tian et al. 2020, their `Embed`: a linear map to `embed_dim`;
+    the loss normalises): one for the student's pooled features and one per teacher.
+
+    Attributes:
+      embed_dim: d, the shared embedding width (CRD's feat_dim, 128).
+      num_teachers: M; each teacher has its own head (their feature spaces are not aligned).
+    """
+
+    embed_dim: int
+    num_teachers: int
+
+    @nn.compact
+    def __call__(self, student: jax.Array, teachers: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, Ds] student and [M, B, Dt] teachers' pooled features -> ([B, d], [M, B, d])."""
+        chex.assert_rank([student, teachers], [2, 3])
+        s = nn.Dense(self.embed_dim, name="student")(student.astype(jnp.float32))
+        dt = teachers.shape[-1]
+        init = nn.initializers.lecun_normal()
+        kernel = self.param(
+            "teacher_kernel",
+            lambda k, shape: jax.vmap(lambda kk: init(kk, shape[1:]))(
+                jax.random.split(k, shape[0])
+            ),
+            (self.num_teachers, dt, self.embed_dim),
+        )
+        bias = self.param(
+            "teacher_bias", nn.initializers.zeros, (self.num_teachers, self.embed_dim)
+        )
+        t = jnp.einsum("mbd,mde->mbe", teachers.astype(jnp.float32), kernel) + bias[:, None]
+        return s, t
+
+
 def create_adapters(student: ResNet, teacher: ResNet, layers: Sequence[str]) -> FeatureAdapters:
     """Adapters from `student` to `teacher` widths for the given layers (gamma > 0 only)."""
     layers = _check_layers(layers)

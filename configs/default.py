@@ -124,7 +124,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.gammas = ml_collections.ConfigDict(
         dict(layer1=0.0, layer2=0.0, layer3=0.0, layer4=0.0, pooled=0.0)
     )
-    c.distill.feature_loss = "mse"  # 'mse' (through adapters) or 'attention' (transfer)
+    # 'mse' (through adapters), 'attention' (transfer) or 'crd' (contrastive, pooled only)
+    c.distill.feature_loss = "mse"
+    c.distill.crd_dim = 128  # CRD: embedding width of its student and teacher heads
+    c.distill.crd_temperature = 0.07  # CRD: InfoNCE temperature (Tian et al.'s nce_t)
     c.distill.feature_dropout = 0.0  # feature-channel dropout rate in the feature loss
 
     c.train = ml_collections.ConfigDict()  # the student's distillation

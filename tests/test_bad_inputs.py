@@ -73,6 +73,11 @@ CONFIG_CASES = [
     (["--config.distill.feature_dropout=1.0"], "feature_dropout must be in [0, 1)"),
     (["--config.distill.chunk_size=0"], "chunk_size must be >= 1"),
     (["--config.distill.feature_loss=attention"], "attention transfer needs spatial layers"),
+    (
+        ["--config.distill.feature_loss=crd", "--config.distill.gammas.layer4=0.1"],
+        "CRD contrasts pooled embeddings: set only gammas.pooled",
+    ),
+    (["--config.distill.crd_temperature=0"], "crd_temperature must be a finite number > 0"),
     (["--config.teachers.debiased=7"], "teachers.debiased is 7"),
     (["--config.biased.index=5"], "biased.index is 5; expected 0..1"),
     (["--config.teachers.num=0"], "teachers.num is 0"),

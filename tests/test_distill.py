@@ -183,6 +183,7 @@ def test_aver_with_alpha_one_and_no_features_is_plain_ensemble_kd():
             "gammas": (("layer3", 1.0),),
             "feature_dropout": 0.3,
         },
+        {"weighting": "aver", "feature_loss": "crd", "gammas": (("pooled", 0.5),)},
     ],
 )
 def test_loss_decreases_on_a_fixed_batch(kwargs):
