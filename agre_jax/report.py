@@ -65,7 +65,7 @@ MAX_WEIGHT_PANELS = 12
 WGA_AXIS = "worst-group test accuracy (%)"
 # Stages in results.json: a run's own, and those shared by the runs of one stage directory.
 OWN_STAGES = ("distill", "evaluate")
-SHARED_STAGES = ("data", "pretrain", "teachers", "dfr", "deep_ensemble")
+SHARED_STAGES = ("data", "pretrain", "teachers", "dfr", "biased", "deep_ensemble")
 CONFIDENCE = 0.95  # of the paired intervals against the baseline
 
 

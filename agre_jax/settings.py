@@ -162,6 +162,19 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
         problems.append(f"teachers.debiased is {t.debiased}; expected -1 (all) or 0..{m}")
     if not config.biased.checkpoint and not 0 <= config.biased.index < m:
         problems.append(f"biased.index is {config.biased.index}; expected 0..{m - 1}")
+    arch = config.biased.arch
+    if arch not in ("", *models.ARCHS):
+        problems.append(f"biased.arch is {arch!r}; expected '' or one of {models.ARCHS}")
+    elif arch and config.biased.checkpoint:
+        problems.append(
+            f"biased.arch is {arch!r} and biased.checkpoint is {config.biased.checkpoint!r}; "
+            "expected one of them (a trained or a ported biased model)"
+        )
+    elif arch and config.teachers.init_from:
+        problems.append(
+            f"biased.arch is {arch!r} with teachers.init_from set; a trained biased model "
+            "starts from the pretrain stage or from scratch: give a ported biased.checkpoint"
+        )
     for key in ("teachers.arch", "student.arch"):
         if _get(config, key) not in models.ARCHS:
             problems.append(f"{key} is {_get(config, key)!r}; expected one of {models.ARCHS}")

@@ -281,9 +281,14 @@ def init_variables(
 
 def pretrain_roles(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
     """The networks a run starts from pretrained weights, by role: 'teachers' (unless they are
-    ported) and 'student', each {'arch', 'width', 'small_input'}."""
+    ported), 'student' and 'biased' (when biased.arch trains one), each {'arch', 'width',
+    'small_input'}."""
     roles = ("student",) if config.teachers.checkpoints else ("teachers", "student")
-    return {r: {k: config[r][k] for k in ("arch", "width", "small_input")} for r in roles}
+    out = {r: {k: config[r][k] for k in ("arch", "width", "small_input")} for r in roles}
+    if config.biased.arch:  # a trained biased model (biased_config)
+        t = config.teachers
+        out["biased"] = {"arch": config.biased.arch, "width": t.width, "small_input": t.small_input}
+    return out
 
 
 def pretrain_keys(config: ml_collections.ConfigDict, pdata: Dataset) -> dict[str, str]:
@@ -497,11 +502,13 @@ def stage_keys(
     biased: Loaded | None = None,
     pretrained: Mapping[str, str] | None = None,
     student_init: Loaded | None = None,
+    biased_stage: str = "",
 ) -> Keys:
     """The keys of every cached stage of this config on this data (no training needed).
 
     `pretrained` maps a role ('teachers', 'student') to the key of the pretrained network it
-    starts from (pretrain_keys); `student_init` is a ported student.init_from checkpoint."""
+    starts from (pretrain_keys); `student_init` is a ported student.init_from checkpoint;
+    `biased_stage` the teacher-stage key of a trained biased model (biased_config)."""
     pretrained = pretrained or {}
     if ported:
         teachers_key = wd.key_of([t.digest for t in ported])
@@ -527,7 +534,13 @@ def stage_keys(
         "teachers": teachers_key,
         "dfr": dfr_key,
         "debiased": settings.debiased_count(config),
-        "biased": biased.digest if biased else config.biased.index,
+        "biased": (
+            biased.digest
+            if biased
+            else {"trained": biased_stage}
+            if biased_stage
+            else config.biased.index
+        ),
         "data": data.key,
     }
     # Where the student starts from (absent when from scratch: earlier keys stay valid).
@@ -634,6 +647,34 @@ def deep_ensemble_config(config: ml_collections.ConfigDict) -> ml_collections.Co
         c.teachers[k] = config.student[k]
     c.teachers.checkpoints = ()
     return c
+
+
+def biased_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config whose one teacher is the trained biased model of `biased.arch`: the
+    teachers' ERM settings, width and stem, seed teachers.seed + biased.index, no ported
+    weights (settings.validate refuses teachers.init_from with it)."""
+    c = config.copy_and_resolve_references()
+    c.teachers.arch = config.biased.arch
+    c.teachers.num = 1
+    c.teachers.seed = config.teachers.seed + config.biased.index
+    c.teachers.checkpoints = ()
+    c.teachers.init_from = ""
+    return c
+
+
+def trained_biased(t: Teachers) -> Loaded:
+    """The trained biased model (a one-teacher stage of biased_config) as a Loaded model."""
+    (variables,) = t.variables
+    member = t.members[0]
+    info = {
+        "arch": member["arch"],
+        "num_classes": t.model.num_classes,
+        "model_options": {"width": member["width"], "small_input": member["small_input"]},
+        "source": "trained",
+        "val_wga": member.get("val_wga"),
+        "epoch": member.get("epoch"),
+    }
+    return Loaded(member["path"], t.model, variables, info, checkpoints.digest(variables))
 
 
 def _graft(fresh: dict, loaded: dict, path: str) -> dict:
@@ -754,7 +795,7 @@ def build_ensemble(
     if biased is not None:
         ens = distill.Ensemble(teachers=(t.model,), group_sizes=(m,), biased=biased.model)
         frozen_biased = biased.variables
-        biased_info = {"source": "ported", **biased.describe()}
+        biased_info = {"source": biased.info.get("source", "ported"), **biased.describe()}
     else:
         index = config.biased.index
         ens = distill.Ensemble(teachers=(t.model,), group_sizes=(m,), biased_backbone=(0, index))

@@ -76,6 +76,11 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
             ported[0].model,
             settings.distill_config(config),
         )
+    b_config = b_keys = None
+    if config.biased.arch:
+        b_config = stages.biased_config(config)
+        b_pretrained = {"teachers": pretrain_keys["biased"]} if pretrain_keys else {}
+        b_keys = stages.stage_keys(b_config, data, pretrained=b_pretrained)
     keys = stages.stage_keys(
         config,
         data,
@@ -84,6 +89,7 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         biased=biased,
         pretrained=pretrain_keys,
         student_init=s_init,
+        biased_stage=b_keys.teachers if b_keys else "",
     )
     de_config = de_keys = None
     if config.baselines.deep_ensemble:
@@ -112,6 +118,15 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     )
     # DFR heads are fitted even when no teacher uses them: the report shows the DFR teachers.
     heads = stages.dfr_stage(config, data, teachers, stage_dir, keys.dfr)
+    b_record = None
+    if b_config is not None:
+        print(
+            f"[biased] one ERM network of {config.biased.arch} (width {config.teachers.width}) "
+            "as the biased model: a teacher stage"
+        )
+        b_init = pretrained.backbones.get("biased") if pretrained else None
+        trained = stages.teachers_stage(b_config, data, stage_dir, b_keys.teachers, init=b_init)
+        biased, b_record = stages.trained_biased(trained), trained.record
     ens = stages.build_ensemble(config, teachers, heads, biased, keys.inputs)
     deep = None
     if de_config is not None:
@@ -143,6 +158,7 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         **({"pretrain": pretrained.record} if pretrained else {}),
         "teachers": teachers.record,
         "dfr": heads.record,
+        **({"biased": b_record} if b_record else {}),
         **({"deep_ensemble": _deep_record(deep, de_keys, keys)} if deep else {}),
         "distill": student.record,
         "evaluate": stages.StageRecord(round(time.time() - t0, 1), False),

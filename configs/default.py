@@ -79,7 +79,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.biased = ml_collections.ConfigDict()
     c.biased.index = 0  # the ERM version of teacher `index` is the biased model ...
-    c.biased.checkpoint = ""  # ... unless a ported checkpoint of any ResNet is given here
+    c.biased.checkpoint = ""  # ... unless a ported checkpoint of any ResNet is given here,
+    # ... or an architecture here ('resnet18', 'resnet34', 'resnet50'): one ERM network of it
+    # trained as a teacher stage (the teachers' width, stem, ERM settings, seed
+    # teachers.seed + biased.index; from the pretrain stage when on, else from scratch)
+    c.biased.arch = ""
 
     c.student = ml_collections.ConfigDict()
     c.student.arch = "resnet18"

@@ -80,6 +80,7 @@ CONFIG_CASES = [
     (["--config.distill.crd_temperature=0"], "crd_temperature must be a finite number > 0"),
     (["--config.teachers.debiased=7"], "teachers.debiased is 7"),
     (["--config.biased.index=5"], "biased.index is 5; expected 0..1"),
+    (["--config.biased.arch=vgg"], "biased.arch is 'vgg'; expected '' or one of"),
     (["--config.teachers.num=0"], "teachers.num is 0"),
     (["--config.teachers.arch=resnet101"], "teachers.arch is 'resnet101'"),
     (["--config.student.arch=vgg"], "student.arch is 'vgg'"),

@@ -107,11 +107,12 @@ def test_damaged_stage_is_one_workdir_error(run, tmp_path):
         train.train_and_evaluate(config, tmp_path / "w")
 
 
-def test_deep_ensemble_of_student_size(run, tmp_path, capsys):
+def test_deep_ensemble_and_trained_biased_model(run, tmp_path, capsys):
     """baselines.deep_ensemble: M ERM networks of the student's architecture (width 8 here,
     the teachers' 4), trained as a teacher stage, with DFR heads; their majority votes in the
     report, equal to votes recomputed from the saved networks. With the teachers' own
-    architecture the stage is theirs (same keys)."""
+    architecture the stage is theirs (same keys). In the same run, biased.arch: the biased
+    model is one ERM ResNet-34 trained as a teacher stage, and a distillation input."""
     import jax
     import numpy as np
 
@@ -122,9 +123,15 @@ def test_deep_ensemble_of_student_size(run, tmp_path, capsys):
     config.stage_dir = str(work / "stages")  # the fixture's teachers and DFR heads: reused
     config.student.width = 8
     config.baselines.deep_ensemble = True
+    config.biased.arch = "resnet34"
     report = train.train_and_evaluate(config, tmp_path / "w")
     out = capsys.readouterr().out
     assert "[deep ensemble] 2 ERM networks of the student's architecture (resnet18, width 8)" in out
+    assert "[biased] one ERM network of resnet34 (width 4) as the biased model" in out
+    biased = report["models"]["biased"]
+    assert (biased["source"], biased["arch"], biased["width"]) == ("trained", "resnet34", 4)
+    assert not report["stages"]["biased"]["reused"]
+    assert Path(biased["path"]).parent == Path(report["stages"]["biased"]["directory"])
     assert (
         report["stages"]["teachers"]["reused"] and not report["stages"]["deep_ensemble"]["reused"]
     )
@@ -149,3 +156,6 @@ def test_deep_ensemble_of_student_size(run, tmp_path, capsys):
     keys = stages.stage_keys(same, data)
     de_keys = stages.stage_keys(stages.deep_ensemble_config(same), data)
     assert (de_keys.teachers, de_keys.dfr) == (keys.teachers, keys.dfr)
+    # The trained biased model is an input of the student, keyed on its stage.
+    with_biased = stages.stage_keys(same, data, biased_stage="abc")
+    assert with_biased.teachers == keys.teachers and with_biased.inputs != keys.inputs
