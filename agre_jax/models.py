@@ -168,12 +168,13 @@ SLICES_MAX_OUTPUT = 4
 FEW_CHANNELS = 4
 # Fewest multiply-adds (B * Ho * Wo * kh * kw * C * O) of a convolution's kernel gradient for
 # which `conv_matmul_grad` computes it by matmuls. XLA:CPU computes it as a convolution whose
-# contraction is the batch and the map, far below its forward's speed on large maps (ResNet
-# at 224 px, B = 32, 2-core CPU, ms, lax / per-tap matmuls: layer1 3x3 64->64 on 56 x 56
-# 792 / 277, layer2 3x3 on 28 x 28 866 / 148, 3x3 stride 2 56 -> 28 546 / 105, 1x1 stride 2
-# 196 / 7; at 64 px layer1 25.5 / 12.9). Below the threshold the two are within about 20 %
-# either way (32 px, width 8: 2.7 / 2.0, 1.8 / 2.0, 1.2 / 0.9 ms), and lax's is kept, so that
-# the width-8 default's arithmetic (at most 1.9e7 per convolution) is unchanged.
+# contraction is the batch and the map, far below its forward's speed on large maps
+# (benchmarks/conv_grad.py; ResNet at 224 px, B = 32, 2-core CPU, ms, lax / per-tap matmuls:
+# layer1 3x3 64->64 on 56 x 56 792 / 277, layer2 3x3 on 28 x 28 866 / 148, 3x3 stride 2
+# 56 -> 28 546 / 105, 1x1 stride 2 196 / 7; at 64 px layer1 25.5 / 12.9). Below the threshold
+# the two are within about 20 % either way (32 px, width 8: 2.7 / 2.0, 1.8 / 2.0, 1.2 / 0.9
+# ms), and lax's is kept, so that the width-8 default's arithmetic (at most 1.9e7 per
+# convolution) is unchanged.
 MATMUL_GRAD_MIN_MACS = 2**25
 _NHWC = lax.ConvDimensionNumbers(
     lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
