@@ -78,7 +78,9 @@ def status(run: Run) -> str:
         recorded = json.loads(path.read_text())
     except json.JSONDecodeError:
         return "changed"
-    if recorded != workdir.config_dict(run.config):
+    if not isinstance(recorded, dict) or workdir.config_differences(
+        recorded, workdir.config_dict(run.config)
+    ):
         return "changed"
     finished = (run.directory / "results.json").exists() and not (
         run.directory / sweep.ERROR_FILE

@@ -74,6 +74,43 @@ def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return data
 
 
+# Config keys added after runs were recorded, each with the value that keeps those runs'
+# behaviour: a recorded config without the key is the same config when the current value is
+# this one (so that upgrading agre-jax does not make every finished run "another config").
+# Add a key here whenever configs/default.py gains one that earlier runs behaved as.
+ADDED_KEYS: dict[str, Any] = {
+    "distill.aekd_cap": 0.6,  # AE-KD (only read by weighting='aekd', which came with it)
+    "baselines.deep_ensemble": False,
+    "distill.crd_dim": 128,  # CRD (only read by feature_loss='crd', which came with it)
+    "distill.crd_temperature": 0.07,
+    "biased.arch": "",
+}
+
+
+def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys where two config dicts (config_dict) differ, except keys of ADDED_KEYS that
+    the recorded one lacks while the current one has their neutral value."""
+    return [
+        k
+        for k in _diff(recorded, current)
+        if not (k in ADDED_KEYS and _lacks(recorded, k) and _get(current, k) == ADDED_KEYS[k])
+    ]
+
+
+def _lacks(data: Mapping[str, Any], dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, Mapping) or part not in data:
+            return True
+        data = data[part]
+    return False
+
+
+def _get(data: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
 def key_of(data: Any) -> str:
     """A short stable hash of JSON data (stage directory names)."""
     blob = json.dumps(data, sort_keys=True, default=_json_default).encode()
@@ -91,9 +128,9 @@ def prepare(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -
             recorded = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigMismatchError(f"{path} is not valid JSON ({e}); pass --overwrite") from e
-        if recorded != current:
+        diff = sorted(config_differences(recorded, current))
+        if diff:
             if not overwrite:
-                diff = sorted(_diff(recorded, current))
                 raise ConfigMismatchError(
                     f"the workdir {workdir} was made with another config (differences: "
                     f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}). Use another "
@@ -110,7 +147,12 @@ def prepare(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
+    """Dotted leaf keys where a and b differ (a key present in one only counts; a section
+    present in one only counts as each of its leaves)."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        if not all(x is None or isinstance(x, Mapping) for x in (a, b)):
+            return [prefix.rstrip(".")]
+        a, b = a or {}, b or {}
         out = []
         for k in sorted(set(a) | set(b)):
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")

@@ -92,3 +92,31 @@ def test_lock_is_not_reentrant(tmp_path):
     with workdir.lock(tmp_path), pytest.raises(errors.WorkdirError, match="in use"):
         with workdir.lock(tmp_path):
             pass
+
+
+def test_configs_recorded_before_a_key_was_added_are_the_same_config(tmp_path):
+    """A run recorded before configs/default.py gained a key of workdir.ADDED_KEYS is the same
+    config while that key keeps its neutral value (for the run's workdir and for sweeps), and
+    another config once it does not."""
+    from agre_jax import sweep_runner
+    from configs import tiny
+
+    config = tiny.get_config()
+    old = workdir.config_dict(config)
+    del old["baselines"], old["distill"]["crd_dim"], old["biased"]["arch"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / workdir.CONFIG_FILE).write_text(json.dumps(old))
+    assert workdir.config_differences(old, workdir.config_dict(config)) == []
+    workdir.prepare(run, config, overwrite=False)  # accepted; the record gains the keys
+    assert json.loads((run / workdir.CONFIG_FILE).read_text()) == workdir.config_dict(config)
+    assert sweep_runner.status(sweep_runner.Run("v", 0, run, config)) == "resume"
+
+    (run / workdir.CONFIG_FILE).write_text(json.dumps(old))
+    config.baselines.deep_ensemble = True
+    assert workdir.config_differences(old, workdir.config_dict(config)) == [
+        "baselines.deep_ensemble"
+    ]
+    with pytest.raises(workdir.ConfigMismatchError, match="baselines.deep_ensemble"):
+        workdir.prepare(run, config, overwrite=False)
+    assert sweep_runner.status(sweep_runner.Run("v", 0, run, config)) == "changed"
