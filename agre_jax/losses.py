@@ -174,9 +174,11 @@ def feature_loss(
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / max(||x||, 1e-12) along `axis`, in float32 (torch.nn.functional.normalize)."""
+    """x / max(||x||, 1e-12) along `axis`, in float32 (torch.nn.functional.normalize); a zero
+    vector (a dropped row's combined target) stays zero with a finite gradient."""
     x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), 1e-24))
+    return x / norm
 
 
 def crd_loss(

@@ -356,6 +356,23 @@ def _stage_identity(results: Mapping[str, Any], stage: str) -> str:
     return str(_get(results, "teachers", "source") or "")
 
 
+def _stage_parts(results: Mapping[str, Any], stage: str) -> list[tuple[str, tuple[float, bool]]]:
+    """[(identity, (seconds, reused))] of a shared stage in one run: one per pretrained network
+    when results.json lists their own seconds (a run may pretrain several, shared with other
+    runs one by one), else the stage's record."""
+    members = results.get("pretrain") if stage == "pretrain" else None
+    if isinstance(members, Mapping) and members:
+        parts = {
+            str(m.get("key", m.get("path"))): (float(m["seconds"]), bool(m.get("reused")))
+            for m in members.values()
+            if isinstance(m, Mapping) and _is_number(m.get("seconds"))
+        }
+        if len(parts) == len({str(m.get("key", m.get("path"))) for m in members.values()}):
+            return list(parts.items())
+    t = stage_seconds(results).get(stage)
+    return [] if t is None else [(_stage_identity(results, stage), t)]
+
+
 def shared_seconds(done: Sequence[RunRecord]) -> dict[str, dict[str, Any]]:
     """The shared stages' seconds, counted once per stage directory: from the run that
     computed it (the longest if several did, e.g. data loaded by every run), else the time
@@ -366,9 +383,8 @@ def shared_seconds(done: Sequence[RunRecord]) -> dict[str, dict[str, Any]]:
     for stage in SHARED_STAGES:
         groups: dict[str, list[tuple[float, bool]]] = {}
         for r in done:
-            t = stage_seconds(r.results).get(stage)
-            if t is not None:
-                groups.setdefault(_stage_identity(r.results, stage), []).append(t)
+            for identity, t in _stage_parts(r.results, stage):
+                groups.setdefault(identity, []).append(t)
         if not groups:
             continue
         total, earlier = 0.0, 0

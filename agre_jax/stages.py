@@ -397,6 +397,8 @@ def pretrain_stage(
             **{k: v for k, v in loaded.describe().items() if k != "sha256_source"},
             "key": key,
             **{k: loaded.info.get(k) for k in ("dataset", "val_wga", "val_acc", "epoch")},
+            "seconds": seconds,
+            "reused": reused,
         }
         done[key] = (loaded, member, seconds, reused)
     total = round(sum(v[2] for v in done.values()), 1)
@@ -651,12 +653,13 @@ def deep_ensemble_config(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 def biased_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config whose one teacher is the trained biased model of `biased.arch`: the
-    teachers' ERM settings, width and stem, seed teachers.seed + biased.index, no ported
-    weights (settings.validate refuses teachers.init_from with it)."""
+    teachers' ERM settings, width and stem, seed teachers.seed + teachers.num (one no teacher
+    uses: with the teachers' architecture it is another network, not a copy of one), no
+    ported weights (settings.validate refuses teachers.init_from with it)."""
     c = config.copy_and_resolve_references()
     c.teachers.arch = config.biased.arch
     c.teachers.num = 1
-    c.teachers.seed = config.teachers.seed + config.biased.index
+    c.teachers.seed = config.teachers.seed + config.teachers.num
     c.teachers.checkpoints = ()
     c.teachers.init_from = ""
     return c
@@ -1079,10 +1082,12 @@ def evaluate_stage(
     student: Student,
     student_model: models.ResNet,
     deep_ensemble: tuple[Teachers, DFRHeads] | None = None,
+    biased: Loaded | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Test metrics of every ERM and DFR teacher, the ensembles, the student-size Deep
-    Ensemble (majority votes of its ERM and of its DFR networks; when given) and the
-    student, all on the same examples (checked)."""
+    Ensemble (majority votes of its ERM and of its DFR networks; when given), a separate
+    (trained or ported) biased model when given, and the student, all on the same examples
+    (checked)."""
     t_logits = _test_logits(data, t, heads)
     labels, groups = t_logits["label"], t_logits["group"]
     results: dict[str, dict] = {}
@@ -1104,6 +1109,12 @@ def evaluate_stage(
             results[f"Deep Ensemble (student size, {m} {kind}), majority"] = data.summarize(
                 votes, labels, groups
             )
+    if biased is not None:
+        b = biased.describe()
+        source = biased.info.get("source", "ported")
+        name = f"biased model ({source} {b['arch']}, width {b['width']})"
+        b_predict = jax.jit(lambda x: biased.model.apply(biased.variables, x, train=False))
+        results[name] = data.evaluate(b_predict, "test")
     predict = jax.jit(lambda v, x: student_model.apply(v, x, train=False))
     for name, variables in (
         ("student (best val WGA)", student.best),

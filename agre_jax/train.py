@@ -152,7 +152,9 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         )
     student = stages.distill_stage(config, data, ens, distill_dir, run_layout, init)
     t0 = time.time()
-    results = stages.evaluate_stage(data, teachers, heads, ens.kinds, student, student_model, deep)
+    results = stages.evaluate_stage(
+        data, teachers, heads, ens.kinds, student, student_model, deep, biased
+    )
     records = {
         "data": stages.StageRecord(data_seconds, False),
         **({"pretrain": pretrained.record} if pretrained else {}),

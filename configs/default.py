@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.biased.checkpoint = ""  # ... unless a ported checkpoint of any ResNet is given here,
     # ... or an architecture here ('resnet18', 'resnet34', 'resnet50'): one ERM network of it
     # trained as a teacher stage (the teachers' width, stem, ERM settings, seed
-    # teachers.seed + biased.index; from the pretrain stage when on, else from scratch)
+    # teachers.seed + teachers.num; from the pretrain stage when on, else from scratch)
     c.biased.arch = ""
 
     c.student = ml_collections.ConfigDict()

@@ -176,6 +176,11 @@ def test_crd_loss_matches_torch(drop):
     np.testing.assert_allclose(gt, tt.grad.numpy(), atol=1e-5)
     if drop:
         assert not np.any(np.asarray(gs)[[1, 4]]) and not np.any(np.asarray(gt)[[1, 4]])
+        # A dropped row's combined teacher embedding is zero (all its weights are 0): the
+        # gradient through the normalisation stays finite.
+        zero = jnp.asarray(t).at[1].set(0.0)
+        grads = jax.grad(lambda b: losses.crd_loss(jnp.asarray(s), b, tau, jnp.asarray(w)))(zero)
+        assert np.all(np.isfinite(grads)) and not np.any(np.asarray(grads)[1])
 
 
 def test_crd_heads_and_weighted_teacher_embeddings_match_torch():

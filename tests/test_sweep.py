@@ -46,7 +46,9 @@ def metrics(wga, group_acc=None):
     }
 
 
-def fake_results(seed, wga, kinds=("DFR", "ERM"), weighting="agre", seconds=None, stages=None):
+def fake_results(
+    seed, wga, kinds=("DFR", "ERM"), weighting="agre", seconds=None, stages=None, pretrain=None
+):
     test = {}
     for i in range(len(kinds)):
         test[f"ERM teacher {i}"] = metrics(0.1 + 0.1 * i)
@@ -66,6 +68,7 @@ def fake_results(seed, wga, kinds=("DFR", "ERM"), weighting="agre", seconds=None
         "test": test,
         "seconds": seconds or {"total": 10.0},
         **({"stages": stages} if stages else {}),
+        **({"pretrain": pretrain} if pretrain else {}),
         "seed": seed,
         "config": {"distill": {"weighting": weighting}},
     }
@@ -332,6 +335,25 @@ def test_costs_charge_shared_stages_once_not_to_the_first_variant(tmp_path):
     assert rows["b"]["seconds_evaluate_mean"] == "4.0" and rows["b"]["seconds_run_mean"] == "29.0"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["shared_seconds"]["teachers"]["seconds"] == 262.0
+
+
+def test_costs_count_each_pretrained_network_once(tmp_path):
+    """Variant b pretrains a second network (a trained biased model's architecture) beside the
+    one a uses: the pretrain stage's seconds are counted per network, not per combination."""
+
+    def results_of(v, seed):
+        first = seed == 0
+        members = {"teachers": {"key": "A", "seconds": 100.0, "reused": not (first and v == "a")}}
+        members["student"] = members["teachers"]
+        if v == "b":
+            members["biased"] = {"key": "C", "seconds": 50.0, "reused": not first}
+        combined = sum({m["key"]: m["seconds"] for m in members.values()}.values())
+        times = stage_times(1.0, 262.0, 15.0, 40.0, 5.0, reused=("teachers", "dfr"))
+        times["pretrain"] = {"seconds": combined, "reused": False, "directory": "A, C"}
+        return fake_results(seed, 0.8, stages=times, pretrain=members)
+
+    agg = cost_sweep(tmp_path, results_of)
+    assert agg["shared_seconds"]["pretrain"] == {"seconds": 150.0, "stages": 2, "earlier": 0}
 
 
 def test_costs_of_stages_computed_before_every_run_and_of_two_teacher_stages(tmp_path):

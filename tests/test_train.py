@@ -132,6 +132,7 @@ def test_deep_ensemble_and_trained_biased_model(run, tmp_path, capsys):
     assert (biased["source"], biased["arch"], biased["width"]) == ("trained", "resnet34", 4)
     assert not report["stages"]["biased"]["reused"]
     assert Path(biased["path"]).parent == Path(report["stages"]["biased"]["directory"])
+    assert report["test"]["biased model (trained resnet34, width 4)"]["n"] > 0
     assert (
         report["stages"]["teachers"]["reused"] and not report["stages"]["deep_ensemble"]["reused"]
     )

@@ -19,7 +19,11 @@ SIZES = (3, 5, 10)  # M; plus the single teacher
 
 
 def get_config(arg=None):
-    variants = [sweep.variant("aver_n1", {"teachers.num": 1}, method="AVER", teachers=1)]
+    variants = [
+        sweep.variant(
+            "aver_n1", {"teachers.num": 1, "distill.weighting": "aver"}, method="AVER", teachers=1
+        )
+    ]
     variants += [
         sweep.variant(f"{prefix}_n{m}", {**overrides, "teachers.num": m}, method=method, teachers=m)
         for m in SIZES
