@@ -130,8 +130,8 @@ def feature_loss(
     Returns:
       (total, {layer: unweighted D_l}) as float32 scalars.
     """
-    if kind not in FEATURE_LOSSES:
-        raise ValueError(f"unknown feature loss {kind!r}; expected one of {FEATURE_LOSSES}")
+    if kind not in ("mse", "attention"):  # 'crd' compares embeddings: crd_loss
+        raise ValueError(f"unknown feature loss {kind!r} here; expected 'mse' or 'attention'")
     if dropout_rate > 0 and rng is None:
         raise ValueError("feature dropout needs an rng")
     total = jnp.zeros((), jnp.float32)

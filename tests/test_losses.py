@@ -142,8 +142,9 @@ def test_feature_loss_sample_weight_and_errors():
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="integer multiple"):
         losses.pool_to(jnp.zeros((1, 6, 6, 2)), (4, 4))
-    with pytest.raises(ValueError, match="unknown feature loss"):
-        losses.feature_loss({}, {}, {}, kind="crd")
+    for kind in ("cosine", "crd"):  # CRD's loss is crd_loss, on embeddings
+        with pytest.raises(ValueError, match="unknown feature loss"):
+            losses.feature_loss({}, {}, {}, kind=kind)
 
 
 def _torch_crd(s, t, tau, keep=None):
