@@ -22,3 +22,28 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import torch  # noqa: E402,F401
 import torchvision  # noqa: E402,F401
+
+# The files that take longest (end-to-end processes, whole-step compilations), first: with
+# `--dist loadfile` each file runs on one worker, and xdist hands them out in collection order
+# (the Makefile passes --no-loadscope-reorder; by default xdist orders files by their number
+# of tests, which put these few-test, long files last and left one worker idle at the end).
+LONGEST_FIRST = (
+    "test_main.py",
+    "test_sweep.py",
+    "test_distill.py",
+    "test_weighting.py",
+    "test_train.py",
+    "test_conv.py",
+    "test_step_benchmark.py",
+    "test_pretrain.py",
+    "test_bad_inputs.py",
+    "test_convert.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
