@@ -135,10 +135,14 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
             f"({config.student.arch}, width {config.student.width}) with DFR heads: a teacher "
             "stage"
         )
-        d_teachers = stages.teachers_stage(
-            de_config, data, stage_dir, de_keys.teachers, init=de_init
-        )
-        deep = (d_teachers, stages.dfr_stage(de_config, data, d_teachers, stage_dir, de_keys.dfr))
+        if (de_keys.teachers, de_keys.dfr) == (keys.teachers, keys.dfr):
+            deep = (teachers, heads)  # the teachers' own stages: nothing to read again
+        else:
+            d_teachers = stages.teachers_stage(
+                de_config, data, stage_dir, de_keys.teachers, init=de_init
+            )
+            d_heads = stages.dfr_stage(de_config, data, d_teachers, stage_dir, de_keys.dfr)
+            deep = (d_teachers, d_heads)
     student_model = settings.model(config.student, data.num_classes, data.dtype)
     init = None
     if s_init is not None:
