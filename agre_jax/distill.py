@@ -17,6 +17,7 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from agre_jax import losses, models, weighting
@@ -53,6 +54,11 @@ class DistillConfig:
       crd_dim: CRD's embedding width d.
       crd_temperature: CRD's InfoNCE temperature.
       feature_dropout: feature-channel dropout rate in the feature loss.
+      feature_weighting: the feature targets' teacher weights (weighting.FEATURE_WEIGHTINGS):
+        'shared' (the KD's weights) or 'agre' (per layer, from the cosines of the feature
+        losses' own gradients, weighting.feature_agre_weights; over the student's and the
+        adapters' parameters, BatchNorm statistics fixed, without feature dropout; computed
+        by `gram`, needs the biased model's features at the teachers' shapes).
       teacher_map: how a stack of teachers runs, see models.map_stacked.
     """
 
@@ -72,6 +78,7 @@ class DistillConfig:
     crd_dim: int = 128
     crd_temperature: float = 0.07
     feature_dropout: float = 0.0
+    feature_weighting: str = "shared"
     teacher_map: str = "unroll"
 
     def __post_init__(self):
@@ -142,6 +149,20 @@ class DistillConfig:
             f"feature_dropout must be in [0, 1), got {self.feature_dropout}",
         )
         check(
+            self.feature_weighting in weighting.FEATURE_WEIGHTINGS,
+            f"unknown feature_weighting {self.feature_weighting!r}; expected one of "
+            f"{weighting.FEATURE_WEIGHTINGS}",
+        )
+        check(
+            self.feature_weighting == "shared" or self.feature_layers,
+            "feature_weighting 'agre' weights the feature loss: set a gamma > 0",
+        )
+        check(
+            self.feature_weighting == "shared" or self.feature_loss != "crd",
+            "feature_weighting 'agre' needs a per-layer feature loss ('mse' or 'attention'), "
+            "not 'crd'",
+        )
+        check(
             self.teacher_map in TEACHER_MAPS,
             f"unknown teacher_map {self.teacher_map!r}; expected one of {TEACHER_MAPS}",
         )
@@ -151,6 +172,11 @@ class DistillConfig:
         """Layers with gamma > 0, in models.LAYERS order."""
         active = {name for name, gamma in self.gammas if gamma > 0}
         return tuple(name for name in models.LAYERS if name in active)
+
+    @property
+    def feature_agre(self) -> bool:
+        """Whether the feature targets get their own per-layer AGRE weights."""
+        return self.feature_weighting == "agre" and bool(self.feature_layers)
 
     @property
     def needs_gram(self) -> bool:
@@ -240,6 +266,19 @@ def create_models(student: models.ResNet, ensemble: Ensemble, cfg: DistillConfig
                         f"feature distillation of {name!r} needs teachers of equal feature "
                         "shapes; teacher groups 0 and {k} differ"
                     )
+        if cfg.feature_agre and ensemble.biased is not None:
+            b_widths = models.feature_channels(ensemble.biased)
+            b_strides = models.feature_strides(ensemble.biased)
+            for name in layers:
+                if b_widths[name] != widths[0][name] or (
+                    name != "pooled" and b_strides[name] != strides[0][name]
+                ):
+                    raise ValueError(
+                        f"feature_weighting 'agre' compares the biased model's {name!r} "
+                        f"features with the teachers': widths {b_widths[name]} against "
+                        f"{widths[0][name]}; expected a biased model of the teachers' "
+                        "architecture"
+                    )
         s_strides = models.feature_strides(student)
         for name in layers:
             if name != "pooled" and s_strides[name] > strides[0][name]:
@@ -306,7 +345,8 @@ def ensemble_forward(
     images: jax.Array,
     layers: tuple[str, ...],
     teacher_map: str = "unroll",
-) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    biased_layers: tuple[str, ...] = (),
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array, dict[str, jax.Array]]:
     """Inference-mode forwards of every teacher (each backbone once) and of the biased model.
 
     Args:
@@ -314,9 +354,11 @@ def ensemble_forward(
         biased model, or {'kernel': [D, C], 'bias': [C]}, its head on a shared backbone}.
       images: [B, H, W, 3].
       layers: teacher feature layers to return.
+      biased_layers: the biased model's feature layers to return (a subset of `layers`).
 
     Returns:
-      (teacher logits [M, B, C], {layer: [M, B, ...]}, biased logits [B, C]).
+      (teacher logits [M, B, C], {layer: [M, B, ...]}, biased logits [B, C],
+      {layer: [B, ...]} the biased model's features).
     """
     shared = ens.biased_backbone is not None
     wanted = layers + (("pooled",) if shared and "pooled" not in layers else ())
@@ -326,16 +368,21 @@ def ensemble_forward(
         out = models.map_stacked(fwd, stacked, teacher_map)
         logits.append(out[0])
         feats.append(out[1])
-    if shared:
+    if shared:  # a DFR-style head on a teacher's backbone: that teacher's features
         g, i = ens.biased_backbone
         head = frozen["biased"]
         pooled = feats[g]["pooled"][i].astype(jnp.float32)
         b_logits = pooled @ head["kernel"] + head["bias"]
+        b_feats = {name: feats[g][name][i] for name in biased_layers}
+    elif biased_layers:
+        b_logits, b_feats = models.apply_with_features(
+            ens.biased, frozen["biased"], images, layers=biased_layers
+        )
     else:
-        b_logits = ens.biased.apply(frozen["biased"], images, train=False)
+        b_logits, b_feats = ens.biased.apply(frozen["biased"], images, train=False), {}
     t_logits = jnp.concatenate(logits, axis=0)
     t_feats = {name: jnp.concatenate([f[name] for f in feats], axis=0) for name in layers}
-    return jax.lax.stop_gradient((t_logits, t_feats, b_logits))
+    return jax.lax.stop_gradient((t_logits, t_feats, b_logits, b_feats))
 
 
 def teacher_weights(
@@ -405,6 +452,70 @@ def teacher_weights(
     return w, weighting.weight_metrics(w, empty)
 
 
+def feature_weights(
+    cfg: DistillConfig,
+    mdl: Models,
+    *,
+    params: Mapping[str, Any],
+    batch_moments: Any,
+    images: jax.Array,
+    s_feats: Mapping[str, jax.Array],
+    t_feats: Mapping[str, jax.Array],
+    b_feats: Mapping[str, jax.Array],
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Per-layer AGRE weights of the feature targets (DistillConfig.feature_weighting 'agre').
+
+    For each feature layer l and sample i, W_t^l(x_i) = 1 - cos(g_t, g_b) with g_r the
+    gradient of the sample's feature loss D_l(A_l(s_l(x_i)), f_r^l(x_i)) with respect to the
+    student's and the adapters' parameters (BatchNorm statistics of the batch held fixed, as
+    for the KD weights), r a teacher or the biased model (the plan's section 9.3). The
+    gradients are never formed: `weighting.cotangent_gram` contracts the M + 1 cotangents
+    dD_l/dA_l per layer through the student (exact, L (M + 1) backward passes per chunk).
+
+    Args:
+      params: {'student', 'adapters'} trainable parameters.
+      batch_moments: the BatchNorm statistics the step's forward normalised with.
+      images: [B, H, W, 3].
+      s_feats: {layer: [B, ...]} the student's raw features (before the adapters).
+      t_feats: {layer: [M, B, ...]}; b_feats: {layer: [B, ...]} the biased model's.
+
+    Returns:
+      ({layer: [B, M] weights}, metrics: mean weight per layer and teacher, entropy, empty
+      rows).
+    """
+    layers = cfg.feature_layers
+    p = {"student": params["student"]}
+    if mdl.adapters is not None:
+        p["adapters"] = params["adapters"]
+
+    def adapted(q, x=None):
+        if x is None:
+            feats = s_feats
+        else:
+            variables = {"params": q["student"], "batch_stats": batch_moments}
+            _, feats = models.apply_with_features(mdl.student, variables, x, layers=layers)
+        if mdl.adapters is None:
+            return dict(feats)
+        return mdl.adapters.apply({"params": q["adapters"]}, dict(feats))
+
+    def distance(s, f):
+        return losses.feature_distance(s, f, cfg.feature_loss)
+
+    cot = weighting.feature_cotangents(adapted(p), t_feats, b_feats, distance)
+    gram = weighting.cotangent_gram(
+        lambda q, x: adapted(q, x), p, images, cot, cfg.chunk_size, cfg.gram
+    )
+    w, empty = weighting.feature_agre_weights(
+        gram, len(layers), normalize_grads=cfg.normalize_grads, empty_rows=cfg.empty_rows
+    )
+    out = {k: w[i] for i, k in enumerate(layers)}
+    metrics = {}
+    for k, wk in out.items():
+        for name, v in weighting.weight_metrics(wk, empty[layers.index(k)]).items():
+            metrics[f"feat_{name}/{k}"] = v
+    return jax.lax.stop_gradient(out), metrics
+
+
 def distill_step(
     state: TrainState,
     frozen: Mapping[str, Any],
@@ -435,8 +546,13 @@ def distill_step(
     ens = mdl.ensemble
     # Named scopes label the step's parts in profiles (benchmarks/profile_step.py).
     with jax.named_scope("teachers"):
-        t_logits, t_feats, b_logits = ensemble_forward(
-            ens, frozen, images, layers, teacher_map=cfg.teacher_map
+        t_logits, t_feats, b_logits, b_feats = ensemble_forward(
+            ens,
+            frozen,
+            images,
+            layers,
+            teacher_map=cfg.teacher_map,
+            biased_layers=layers if cfg.feature_agre else (),
         )
     chex.assert_shape(t_logits, (ens.num_teachers, images.shape[0], mdl.student.num_classes))
 
@@ -484,6 +600,23 @@ def distill_step(
         )
     weights = jax.lax.stop_gradient(weights)
     keep = jnp.sum(weights, axis=-1)  # 1, or 0 for dropped rows
+    # The feature targets' weights: the KD's, or per layer their own ({layer: [B, M]}).
+    feat_weights = {k: weights for k in layers}
+    feat_keep: jax.Array | dict[str, jax.Array] = keep
+    if cfg.feature_agre:
+        with jax.named_scope("feature_weighting"):
+            feat_weights, feat_metrics = feature_weights(
+                cfg,
+                mdl,
+                params=state.params,
+                batch_moments=batch_moments,
+                images=images,
+                s_feats=jax.lax.stop_gradient(s_feats),
+                t_feats=t_feats,
+                b_feats=b_feats,
+            )
+        feat_keep = {k: jnp.sum(w, axis=-1) for k, w in feat_weights.items()}
+        metrics.update(feat_metrics)
 
     def head_loss(adapter_params, logits, feats):
         kd = losses.kd_loss(logits, t_logits, cfg.temperature)  # [M, B]
@@ -507,7 +640,7 @@ def distill_step(
             if mdl.adapters is not None:
                 student_feats = mdl.adapters.apply({"params": adapter_params}, student_feats)
             targets = {
-                k: jnp.einsum("bm,mb...->b...", weights, t_feats[k].astype(jnp.float32))
+                k: jnp.einsum("bm,mb...->b...", feat_weights[k], t_feats[k].astype(jnp.float32))
                 for k in layers
             }
             l_feat, per_layer = losses.feature_loss(
@@ -517,7 +650,7 @@ def distill_step(
                 kind=cfg.feature_loss,
                 dropout_rate=cfg.feature_dropout,
                 rng=rng_dropout,
-                sample_weight=keep,
+                sample_weight=feat_keep,
             )
             loss = loss + l_feat
             aux["feat_loss"] = l_feat
@@ -546,6 +679,26 @@ def distill_step(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
     return new_state, metrics
+
+
+def replicate(tree: Any) -> Any:
+    """One copy of `tree` per local device on a leading axis, laid out as the pmapped step
+    lays out its outputs (a mesh over the local devices named AXIS_NAME).
+
+    flax.jax_utils.replicate lays its copies out on a mesh of another axis name, so a step
+    fed its state would be traced and compiled twice: once for the first call and once for
+    the later calls on its own outputs (measured: 4.7 s more per distillation of
+    configs/tiny.py).
+    """
+    devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS_NAME,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
+
+    def relabel(x: jax.Array) -> jax.Array:  # the same per-device copies, no data moved
+        shards = [shard.data for shard in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+    return jax.tree.map(relabel, flax.jax_utils.replicate(tree))
 
 
 def compile_step(

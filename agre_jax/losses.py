@@ -5,7 +5,9 @@
 - `cross_entropy`: with integer labels, per sample.
 - `feature_loss`: the plan's multi-layer feature loss sum_l gamma_l * D(s_l, t_l) with D the
   mean squared error (FitNets-style, after the adapters) or attention transfer (Zagoruyko &
-  Komodakis), optionally with feature-channel dropout.
+  Komodakis), optionally with feature-channel dropout; `feature_distance` is its per-sample
+  distance of one layer.
+- `crd_loss`: contrastive representation distillation (Tian et al. 2020), in-batch negatives.
 """
 
 from __future__ import annotations
@@ -124,8 +126,8 @@ def feature_loss(
       dropout_rate: feature-channel dropout: the same random (sample, channel) mask is applied
         to student and teacher features and the mean is over kept elements.
       rng: key for the dropout mask (required when dropout_rate > 0).
-      sample_weight: optional [B] weights (e.g. 0 for samples dropped from distillation);
-        the loss is then sum_i w_i D_i / B.
+      sample_weight: optional [B] weights (e.g. 0 for samples dropped from distillation),
+        or {layer: [B]} per layer; the loss is then sum_i w_i D_i / B.
 
     Returns:
       (total, {layer: unweighted D_l}) as float32 scalars.
@@ -147,30 +149,50 @@ def feature_loss(
             if kind == "mse":
                 chex.assert_equal_shape([s, t])
             mask_s = _channel_mask(jax.random.fold_in(rng, i), s.shape, dropout_rate)
-            mask_t = mask_s if kind == "mse" else None
-        if kind == "mse":
-            chex.assert_equal_shape([s, t])
-            d = _per_sample_mse(s, t, mask_s)
-        else:
-            if s.ndim != 4:
-                raise ValueError(f"attention transfer needs a spatial layer, not {name!r}")
-            if mask_s is not None:
-                # Same channel mask on both sides when the widths agree; otherwise each side
-                # drops its own channels (attention maps are width-free).
-                mask_t = (
-                    mask_s
-                    if s.shape[-1] == t.shape[-1]
-                    else _channel_mask(jax.random.fold_in(rng, 1000 + i), t.shape, dropout_rate)
-                )
-                s, t = s * mask_s, t * mask_t
-            d = jnp.mean(jnp.square(attention_map(s) - attention_map(t)), axis=-1)
-        if sample_weight is None:
-            layer_loss = jnp.mean(d)
-        else:
-            layer_loss = jnp.sum(d * sample_weight) / d.shape[0]
+            # Same channel mask on both sides when the widths agree; otherwise (attention
+            # transfer) each side drops its own channels (attention maps are width-free).
+            mask_t = (
+                mask_s
+                if s.shape[-1] == t.shape[-1]
+                else _channel_mask(jax.random.fold_in(rng, 1000 + i), t.shape, dropout_rate)
+            )
+        d = feature_distance(s, t, kind, mask_s, mask_t)
+        w = sample_weight.get(name) if isinstance(sample_weight, Mapping) else sample_weight
+        layer_loss = jnp.mean(d) if w is None else jnp.sum(d * w) / d.shape[0]
         per_layer[name] = layer_loss
         total = total + gamma * layer_loss
     return total, per_layer
+
+
+def feature_distance(
+    s: jax.Array,
+    t: jax.Array,
+    kind: str = "mse",
+    mask_s: jax.Array | None = None,
+    mask_t: jax.Array | None = None,
+) -> jax.Array:
+    """Per-sample distance D(s_i, t_i) of one layer: [B, ...] x [B, ...] -> [B] float32.
+
+    Args:
+      s: student features [B, H, W, C] or [B, C] (for 'mse' at the teacher's width); a
+        larger map is average-pooled to the teacher's spatial size first.
+      t: the target, [B, h, w, c] or [B, c].
+      kind: 'mse' (mean over the kept elements) or 'attention' (attention transfer: mean
+        squared difference of the normalised attention maps; spatial layers only).
+      mask_s, mask_t: optional channel-dropout masks (broadcastable to s and t).
+    """
+    if s.ndim == 4:
+        s = pool_to(s, t.shape[1:3])
+    if kind == "mse":
+        chex.assert_equal_shape([s, t])
+        return _per_sample_mse(s, t, mask_s)
+    if kind != "attention":
+        raise ValueError(f"unknown feature loss {kind!r} here; expected 'mse' or 'attention'")
+    if s.ndim != 4:
+        raise ValueError("attention transfer needs a spatial layer, not pooled features")
+    if mask_s is not None:
+        s, t = s * mask_s, t * mask_t
+    return jnp.mean(jnp.square(attention_map(s) - attention_map(t)), axis=-1)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:

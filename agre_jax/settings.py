@@ -291,18 +291,36 @@ def validate(config: ml_collections.ConfigDict) -> Layout:
     # The models and adapters, with a placeholder class count (checked against the data later).
     teacher = model(config.teachers, 2, compute_dtype)
     student = model(config.student, 2, compute_dtype)
+    biased = None
+    if config.biased.arch:  # a ported biased.checkpoint is checked once its files are read
+        t = config.teachers  # the biased stage trains it at the teachers' width
+        biased = models.create(
+            config.biased.arch, 2, width=t.width, small_input=t.small_input, dtype=compute_dtype
+        )
     if not config.teachers.checkpoints:  # ported teachers are checked once their files are read
-        check_models(student, teacher, dcfg)
+        check_models(student, teacher, dcfg, biased)
     return run_layout
 
 
-def check_models(student: Any, teacher: Any, dcfg: distill.DistillConfig) -> None:
-    """The student, adapters and teachers fit together for the configured feature layers."""
-    ensemble = distill.Ensemble(teachers=(teacher,), group_sizes=(1,), biased_backbone=(0, 0))
+def check_models(
+    student: Any, teacher: Any, dcfg: distill.DistillConfig, biased: Any = None
+) -> None:
+    """The student, adapters, teachers and (when separate) biased model fit together for the
+    configured feature layers; raises ConfigError."""
+    c = teacher.num_classes
+    ensemble = distill.Ensemble(
+        teachers=(teacher,),
+        group_sizes=(1,),
+        biased=None if biased is None else biased.clone(num_classes=c),
+        biased_backbone=(0, 0) if biased is None else None,
+    )
     try:
-        distill.create_models(student.clone(num_classes=teacher.num_classes), ensemble, dcfg)
+        distill.create_models(student.clone(num_classes=c), ensemble, dcfg)
     except ValueError as e:
-        raise ConfigError(f"student and teachers do not fit together: {e}") from e
+        which = (
+            "student, teachers and biased model" if biased is not None else "student and teachers"
+        )
+        raise ConfigError(f"{which} do not fit together: {e}") from e
 
 
 def check_splits(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> None:

@@ -911,7 +911,7 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
     )
     step_fn = distill.compile_step(mdl, dcfg, tx, pmap=use_pmap)
     base_rng = jax.random.key(config.seed + 1_000_003)
-    replicate = flax.jax_utils.replicate
+    replicate = distill.replicate  # laid out as the step's outputs: one trace, not two
     if use_pmap:
         frozen, state = replicate(frozen), replicate(state)
         print(

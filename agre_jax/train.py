@@ -70,11 +70,13 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     s_init = _optional(config.student.init_from, "student.init_from", data)
     biased = _optional(config.biased.checkpoint, "biased.checkpoint", data)
     pretrain_keys = stages.pretrain_keys(config, pdata) if pdata else {}
-    if ported:
+    if ported or biased is not None:
+        teacher = ported[0].model if ported else settings.model(config.teachers, 2, data.dtype)
         settings.check_models(
-            settings.model(config.student, ported[0].model.num_classes, data.dtype),
-            ported[0].model,
+            settings.model(config.student, teacher.num_classes, data.dtype),
+            teacher,
             settings.distill_config(config),
+            None if biased is None else biased.model,
         )
     b_config = b_keys = None
     if config.biased.arch:

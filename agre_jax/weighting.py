@@ -10,6 +10,11 @@
   'fixed' holds them constant, the convention of the per-sample weights.
 - `aekd`: AE-KD (Du et al., NeurIPS 2020), one weight per teacher per batch: the minimum-norm
   point of the teachers' KD gradients in the student's logit space, weights capped at C.
+- feature weighting `agre` (the plan's section 9.3): per layer l and sample, the same
+  1 - cos between the student-parameter gradients of the feature loss D_l towards each
+  teacher's features and towards the biased model's (`feature_cotangents`,
+  `cotangent_gram`, `feature_agre_weights`). Exact: the Gram of the M + 1 per-sample
+  gradients comes from M + 1 cotangents at the adapted features, whatever their size.
 
 Exact per-sample cosines, cheaply. With z_i the student's logits, the KD gradient with respect
 to the logits is g_r^i = tau * (softmax(z_s / tau) - softmax(z_r / tau)) and
@@ -24,6 +29,7 @@ cosine.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +46,9 @@ GRAD_SCOPES = ("full", "last_layer")
 EMPTY_ROWS = ("uniform", "drop")
 BATCH_BN = ("through", "fixed")  # agre_batch: BatchNorm statistics in its batch-mean gradients
 GRAM_METHODS = ("layerwise", "vmap")  # how full-scope per-sample Gram matrices are computed
+# The feature loss's targets: the KD's teacher weights ('shared') or per-layer AGRE weights
+# of the feature losses' own gradients ('agre').
+FEATURE_WEIGHTINGS = ("shared", "agre")
 
 # A row of AGRE weights summing below this is empty (every teacher pulls with the biased
 # model). In the two-class closed form empty rows are exactly 0.
@@ -128,6 +137,61 @@ def layerwise_gram(logit_fn: LogitFn, params: Any, images: jax.Array, chunk_size
     return jnp.concatenate(parts)
 
 
+def cotangent_gram(
+    fn: Callable[[Any, jax.Array], Any],
+    params: Any,
+    images: jax.Array,
+    cotangents: Any,
+    chunk_size: int,
+    method: str = "layerwise",
+) -> jax.Array:
+    """Inner products of per-sample parameter gradients J_i^T u_ir for given cotangents.
+
+    With fn(params, x_i) = y_i (any pytree of per-sample outputs) and R cotangents u_ir at
+    y_i, returns G_i[r, s] = <J_i^T u_ir, J_i^T u_is>, J_i = dy_i / dparams. The gradient of
+    a per-sample loss l(y_i) is J_i^T dl/dy_i, so with u_ir = dl_r/dy_i (e.g. the feature
+    losses towards each teacher and towards the biased model) G_i holds every inner product
+    of their parameter gradients, at the cost of R backward passes per chunk whatever the
+    size of y. `layerwise_gram` is the case y = logits, u = the identity basis.
+
+    Args:
+      fn: (params, images [n, H, W, 3]) -> pytree of [n, ...] arrays; per sample (BatchNorm
+        statistics fixed), not jitted (see `layerwise_gram`).
+      params: the pytree to differentiate.
+      images: [B, H, W, 3].
+      cotangents: pytree like fn's output with leaves [R, B, ...].
+      chunk_size: samples per chunk.
+      method: 'layerwise' (layer inputs times output cotangents; Conv/Dense/BatchNorm models)
+        or 'vmap' (vmapped per-sample pullbacks; any model).
+
+    Returns:
+      [B, R, R] float32.
+    """
+    b = images.shape[0]
+    chunk = max(1, min(chunk_size, b))
+
+    def part(i: int) -> jax.Array:
+        x = images[i : i + chunk]
+        u = jax.tree.map(lambda v: v[:, i : i + chunk], cotangents)
+        if method == "layerwise":
+            total = sum(leaf.size for leaf in jax.tree.leaves(params))
+            return _layerwise_chunk(fn, params, x, total, u)
+        if method == "vmap":
+            return jax.vmap(functools.partial(_cotangent_gram_one, fn, params), (0, 1))(x, u)
+        raise ValueError(f"unknown gram method {method!r}; expected one of {GRAM_METHODS}")
+
+    return jnp.concatenate([part(i) for i in range(0, b, chunk)])
+
+
+def _cotangent_gram_one(fn: Callable[[Any, jax.Array], Any], params: Any, x: jax.Array, u: Any):
+    """One sample: x [H, W, 3], u leaves [R, ...] -> [R, R]."""
+    _, vjp_fn = jax.vjp(lambda p: fn(p, x[None]), params)
+    (grads,) = jax.vmap(vjp_fn)(jax.tree.map(lambda v: v[:, None], u))
+    r = jax.tree.leaves(u)[0].shape[0]
+    leaves = [g.reshape(r, -1).astype(jnp.float32) for g in jax.tree.leaves(grads)]
+    return sum(leaf @ leaf.T for leaf in leaves)
+
+
 _LINEAR_LAYERS = (nn.Conv, nn.Dense, nn.BatchNorm)
 _NOT_TRACED = (
     "layerwise Gram: the Conv/Dense/BatchNorm layers were not seen when tracing logit_fn; it "
@@ -135,7 +199,13 @@ _NOT_TRACED = (
 )
 
 
-def _layerwise_chunk(logit_fn: LogitFn, params: Any, images: jax.Array, total: int) -> jax.Array:
+def _layerwise_chunk(
+    logit_fn: Callable[[Any, jax.Array], Any],
+    params: Any,
+    images: jax.Array,
+    total: int,
+    cotangents: Any = None,
+) -> jax.Array:
     layers: dict[str, tuple[nn.Module, dict[str, int]]] = {}  # name -> (module, param sizes)
     shapes: dict[str, jax.ShapeDtypeStruct] = {}  # name -> output shape
 
@@ -169,8 +239,8 @@ def _layerwise_chunk(logit_fn: LogitFn, params: Any, images: jax.Array, total: i
             return out + perturbations[name].astype(out.dtype)
 
         with nn.intercept_methods(interceptor):
-            logits = logit_fn(params, images)
-        return logits, inputs
+            outputs = logit_fn(params, images)
+        return outputs, inputs
 
     jax.eval_shape(lambda: forward(None))  # fills `layers` and `shapes`
     if not layers:
@@ -182,11 +252,16 @@ def _layerwise_chunk(logit_fn: LogitFn, params: Any, images: jax.Array, total: i
             "parameters; the model has other parametrised layers: use gram='vmap'"
         )
     zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
-    logits, vjp_fn, inputs = jax.vjp(forward, zeros, has_aux=True)
+    outputs, vjp_fn, inputs = jax.vjp(forward, zeros, has_aux=True)
     if set(inputs) != set(layers):
         raise ValueError(_NOT_TRACED)
-    n, c = logits.shape
-    basis = jnp.broadcast_to(jnp.eye(c, dtype=logits.dtype)[:, None, :], (c, n, c))
+    n = images.shape[0]
+    if cotangents is None:  # the logits' basis: K_i = J_i J_i^T
+        c = outputs.shape[-1]
+        basis = jnp.broadcast_to(jnp.eye(c, dtype=outputs.dtype)[:, None, :], (c, n, c))
+    else:
+        basis = jax.tree.map(lambda u, o: u.astype(o.dtype), cotangents, outputs)
+        c = jax.tree.leaves(basis)[0].shape[0]
     (deltas,) = jax.vmap(vjp_fn)(basis)  # name -> [C, n, *output shape]
 
     gram = jnp.zeros((n, c, c), jnp.float32)
@@ -351,6 +426,71 @@ def agre_weights(
     else:
         raw = jnp.maximum(agre_from_gram(g_teachers, g_biased, gram, normalize_grads), 0.0)
     return _normalise_rows(raw.T, empty_rows)
+
+
+def feature_cotangents(
+    student: dict[str, jax.Array],
+    teachers: dict[str, jax.Array],
+    biased: dict[str, jax.Array],
+    distance: Callable[[jax.Array, jax.Array], jax.Array],
+) -> dict[str, jax.Array]:
+    """Cotangents of the per-sample feature losses towards each teacher and the biased model.
+
+    Layer k of the L layers owns rows k (M + 1) .. k (M + 1) + M of the result: teacher
+    t's row is d D(s_i, f_ti) / d s_i, the biased model's is last; the rows of other layers
+    are zero there. `cotangent_gram` then gives every layer's gradient inner products at once
+    (its diagonal blocks).
+
+    Args:
+      student: {layer: [B, ...]} the student's features as the loss sees them (after the
+        adapters; a larger map is pooled inside `distance`).
+      teachers: {layer: [M, B, ...]}; biased: {layer: [B, ...]} the biased model's.
+      distance: (s [B, ...], f [B, ...]) -> [B] per-sample loss, e.g. losses.feature_distance.
+
+    Returns:
+      {layer: [L (M + 1), B, ...]} float32, in the order of `student`'s keys.
+    """
+    names = list(student)
+    m = teachers[names[0]].shape[0]
+    out = {}
+    for k, name in enumerate(names):
+        s = student[name].astype(jnp.float32)
+        refs = jnp.concatenate([teachers[name], biased[name][None]]).astype(jnp.float32)
+        grad = jax.vmap(jax.grad(lambda s, f: jnp.sum(distance(s, f))), (None, 0))(s, refs)
+        pad = ((k * (m + 1), (len(names) - k - 1) * (m + 1)),) + ((0, 0),) * s.ndim
+        out[name] = jnp.pad(grad, pad)
+    return out
+
+
+def feature_agre_weights(
+    gram: jax.Array, num_layers: int, *, normalize_grads: bool, empty_rows: str
+) -> tuple[jax.Array, jax.Array]:
+    """Per-layer AGRE weights of the feature loss (the plan's section 9.3):
+    W_t^l(x_i) = 1 - cos(grad_theta D_l(s_i, f_ti), grad_theta D_l(s_i, f_bi)), normalised.
+
+    Args:
+      gram: [B, L (M + 1), L (M + 1)] from `cotangent_gram` of `feature_cotangents`.
+      num_layers: L.
+      normalize_grads, empty_rows: as `agre_weights`.
+
+    Returns:
+      (weights [L, B, M], empty [L, B] bool).
+    """
+    r = gram.shape[-1] // num_layers
+    basis = jnp.eye(r, dtype=jnp.float32)
+    g_t = jnp.broadcast_to(basis[: r - 1, None], (r - 1, gram.shape[0], r))
+    g_b = jnp.broadcast_to(basis[r - 1], (gram.shape[0], r))
+    out = [
+        agre_weights(
+            g_t,
+            g_b,
+            gram=gram[:, k * r : (k + 1) * r, k * r : (k + 1) * r],
+            normalize_grads=normalize_grads,
+            empty_rows=empty_rows,
+        )
+        for k in range(num_layers)
+    ]
+    return jnp.stack([w for w, _ in out]), jnp.stack([e for _, e in out])
 
 
 def batch_mean_grads(vjp_fn: Callable[[jax.Array], Any], g_refs: jax.Array) -> Any:

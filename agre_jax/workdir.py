@@ -84,6 +84,7 @@ ADDED_KEYS: dict[str, Any] = {
     "distill.crd_dim": 128,  # CRD (only read by feature_loss='crd', which came with it)
     "distill.crd_temperature": 0.07,
     "biased.arch": "",
+    "distill.feature_weighting": "shared",
 }
 
 

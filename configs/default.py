@@ -133,6 +133,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.crd_dim = 128  # CRD: embedding width of its student and teacher heads
     c.distill.crd_temperature = 0.07  # CRD: InfoNCE temperature (Tian et al.'s nce_t)
     c.distill.feature_dropout = 0.0  # feature-channel dropout rate in the feature loss
+    # The feature targets' teacher weights: 'shared' (the KD's) or 'agre' (per layer, from
+    # the cosines of the feature losses' own student gradients; the plan's section 9.3)
+    c.distill.feature_weighting = "shared"
 
     c.train = ml_collections.ConfigDict()  # the student's distillation
     c.train.epochs = 30

@@ -13,28 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import flags
+from inprocess import run_main
 
 from agre_jax import checkpoints, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import main as main_module  # noqa: E402
-
 TINY = ["--config", "configs/tiny.py"]
-
-
-def run_main(argv, capsys):
-    """main.py's exit status, stdout and stderr for these arguments, in this process."""
-    flag_values = flags.FlagValues()
-    main_module.define_flags(flag_values, sys_argv=["main.py", *argv])
-    try:
-        rest = main_module.parse_flags(["main.py", *argv], flag_values)
-        code = main_module.main(rest, flag_values)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def snapshot(path: Path) -> dict:
@@ -78,6 +62,19 @@ CONFIG_CASES = [
         "CRD contrasts pooled embeddings: set only gammas.pooled",
     ),
     (["--config.distill.crd_temperature=0"], "crd_temperature must be a finite number > 0"),
+    (
+        [
+            "--config.distill.feature_weighting=agre",
+            "--config.distill.gammas.layer3=0",
+            "--config.distill.gammas.pooled=0",
+        ],
+        "feature_weighting 'agre' weights the feature loss: set a gamma > 0",
+    ),
+    (
+        ["--config.distill.feature_weighting=agre", "--config.biased.arch=resnet50"],
+        "student, teachers and biased model do not fit together: feature_weighting 'agre' "
+        "compares the biased model's 'layer3' features with the teachers': widths 64 against 16",
+    ),
     (["--config.teachers.debiased=7"], "teachers.debiased is 7"),
     (["--config.biased.index=5"], "biased.index is 5; expected 0..1"),
     (["--config.biased.arch=vgg"], "biased.arch is 'vgg'; expected '' or one of"),

@@ -1,4 +1,5 @@
-"""The distillation step: configuration checks, properties, jit vs no jit, pmap vs jit."""
+"""The distillation step: configuration checks, properties, pmap vs jit. (Its pure parts run
+with and without jit in tests/test_weighting.py.)"""
 
 import functools
 
@@ -88,6 +89,12 @@ def run(mdl, cfg, tx, state, frozen, batch, steps=1, seed=3):
         ({"feature_loss": "attention", "gammas": (("pooled", 1.0),)}, "spatial"),
         ({"teacher_map": "pmap"}, "unknown teacher_map"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"feature_weighting": "per_layer"}, "unknown feature_weighting"),
+        ({"feature_weighting": "agre"}, "set a gamma > 0"),
+        (
+            {"feature_weighting": "agre", "feature_loss": "crd", "gammas": (("pooled", 0.5),)},
+            "not 'crd'",
+        ),
     ],
 )
 def test_bad_config_is_rejected_before_compiling(kwargs, message):
@@ -107,6 +114,16 @@ def test_class_count_mismatch_is_rejected():
         distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, M))
 
 
+def test_feature_agre_needs_the_biased_model_at_the_teachers_widths():
+    t_model, _, _ = teacher_variables(10)
+    cfg = distill.DistillConfig(feature_weighting="agre", gammas=(("layer3", 0.1),))
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased=tiny(10, 4))
+    with pytest.raises(ValueError, match="biased model's 'layer3' features"):
+        distill.create_models(tiny(10, 4), ens, cfg)
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased=tiny(10, 8))
+    distill.create_models(tiny(10, 4), ens, cfg)  # the teachers' architecture: accepted
+
+
 def test_coarser_student_features_are_rejected():
     t_model, _, _ = teacher_variables(10)
     ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, 0))
@@ -118,32 +135,13 @@ def test_coarser_student_features_are_rejected():
         distill.create_models(student, ens, cfg)
 
 
-class StepVariantsTest(chex.TestCase):
-    """The step run op by op (no jit) gives the compiled step's update (`run`: jit with
-    donation). A with-jit variant would compile the same step a second time (about 60 s of
-    the suite) to compare it with itself."""
-
-    @chex.variants(without_jit=True)
-    def test_variants_agree(self):
-        mdl, frozen, cfg, tx, state, batch = setup(
-            2, weighting="agre", gammas=(("layer3", 0.1), ("pooled", 0.5))
-        )
-        step = self.variant(functools.partial(distill.distill_step, mdl=mdl, cfg=cfg, tx=tx))
-        new_state, metrics = step(state, frozen, batch, jax.random.key(1))
-        ref_state, ref_metrics = run(mdl, cfg, tx, state, frozen, batch)
-        chex.assert_trees_all_close(new_state.params, ref_state.params, atol=1e-5, rtol=1e-4)
-        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-        assert int(new_state.step) == 1
-
-
 def test_identical_teachers_give_the_same_loss_for_every_method():
     """Ten classes: every method's general path (two classes take agre's closed form, which
     StepVariantsTest and tests/test_weighting.py cover)."""
     loss = {}
     for method in weighting.METHODS:
-        mdl, frozen, cfg, tx, state, batch = setup(
-            10, identical=True, weighting=method, gammas=(("layer4", 0.25),)
-        )
+        # No feature loss: the same steps as the tests below compile (persistent cache hits).
+        mdl, frozen, cfg, tx, state, batch = setup(10, identical=True, weighting=method)
         _, metrics = run(mdl, cfg, tx, state, frozen, batch)
         loss[method] = float(metrics["loss"])
     assert max(loss.values()) - min(loss.values()) <= 1e-5 * abs(loss["aver"]), loss
@@ -217,12 +215,33 @@ def test_separate_biased_model_and_every_teacher_map():
         chex.assert_trees_all_close(
             results["unroll"][0].params, results[other][0].params, atol=1e-6, rtol=1e-5
         )
+    # Per-layer feature weights compare with the separate biased model's own features. Here
+    # it is a copy of teacher 1 (as the ERM network under a DFR teacher), so that teacher's
+    # feature gradients equal the biased model's (cosine 1) at every layer and sample: its
+    # feature weight is 0, while the others share the rest.
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased=tiny(2, 8))
+    frozen["biased"] = t_vars[1]
+    gammas = (("layer2", 0.1), ("pooled", 0.5))
+    cfg = distill.DistillConfig(feature_weighting="agre", gammas=gammas)
+    mdl = distill.create_models(tiny(2, 4), ens, cfg)
+    state = distill.create_train_state(mdl, tx, jax.random.key(0), SIZE)
+    _, metrics = run(mdl, cfg, tx, state, frozen, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    for name, _ in gammas:
+        weights = [float(metrics[f"feat_weight/{t}/{name}"]) for t in range(M)]
+        np.testing.assert_allclose(sum(weights), 1.0, atol=1e-5)
+        assert weights[1] < 1e-6 < min(weights[0], weights[2]), (name, weights)
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"weighting": "agre", "grad_scope": "full", "gammas": (("layer2", 0.1), ("pooled", 0.5))},
+        {
+            "weighting": "agre",
+            "grad_scope": "full",
+            "gammas": (("layer2", 0.1), ("pooled", 0.5)),
+            "feature_weighting": "agre",
+        },
         {"weighting": "agre_batch", "grad_scope": "full"},
     ],
 )

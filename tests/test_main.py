@@ -1,7 +1,8 @@
-"""main.py end to end on configs/tiny.py, in real processes: the report, stage reuse, another
-config in the same workdir, refused ported teachers, a non-finite loss, and resuming after the
-process is killed (mid-stage and mid-save) with identical results. Config and data mistakes
-are tests/test_bad_inputs.py's (in process; a real process's exit status there too)."""
+"""main.py end to end on configs/tiny.py: the report of a real process, then in this process
+(tests/inprocess.py) stage reuse, another config in the same workdir, refused ported teachers
+and a non-finite loss, and in real processes again resuming after the process is killed
+(mid-stage and mid-save) with identical results. Config and data mistakes are
+tests/test_bad_inputs.py's (in process; a real process's exit status there too)."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inprocess import run_main
 
 from agre_jax import checkpoints
 
@@ -121,52 +123,51 @@ def test_report_files_and_structure(reference):
     assert (work / "config.json").exists()
 
 
-def test_same_config_reuses_every_stage(reference):
+def test_same_config_reuses_every_stage(reference, capsys):
     work, _ = reference
     before = json.loads((work / "results.json").read_text())
-    proc = ok(main(*TINY, "--workdir", str(work)))
+    code, out, err = run_main([*TINY, "--workdir", str(work)], capsys)
+    assert code == 0, err[-3000:]
     for stage in ("teachers", "dfr", "distill"):
-        assert f"[{stage}] reusing" in proc.stdout
+        assert f"[{stage}] reusing" in out
     after = json.loads((work / "results.json").read_text())
     assert after["test"] == before["test"]
 
 
-def test_other_config_is_refused_then_overwritten(reference, tmp_path):
+def test_other_config_is_refused_then_overwritten(reference, tmp_path, capsys):
     work, _ = reference
-    proc = main(*TINY, "--config.distill.weighting=aver", "--workdir", str(work))
-    assert proc.returncode == 2 and "another config" in proc.stderr
-    assert "distill.weighting" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, err = run_main(
+        [*TINY, "--config.distill.weighting=aver", "--workdir", str(work)], capsys
+    )
+    assert code == 2 and "another config" in err
+    assert "distill.weighting" in err and "Traceback" not in err
     assert (work / "results.json").exists()  # nothing was removed
     # --overwrite replaces the run's outputs but keeps (and reuses) the teacher stages.
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(work), str(copy)], check=True)
-    proc = ok(
-        main(
-            *TINY,
-            "--config.distill.weighting=aver",
-            "--workdir",
-            str(copy),
-            "--overwrite",
-            "--config.train.epochs=1",
-        )
-    )
-    assert "[teachers] reusing" in proc.stdout and "[distill] reusing" not in proc.stdout
+    args = ["--config.distill.weighting=aver", "--workdir", str(copy), "--overwrite"]
+    code, out, err = run_main([*TINY, *args, "--config.train.epochs=1"], capsys)
+    assert code == 0, err[-3000:]
+    assert "[teachers] reusing" in out and "[distill] reusing" not in out
     assert (
         json.loads((copy / "results.json").read_text())["config"]["distill"]["weighting"] == "aver"
     )
 
 
-def test_ported_teachers_of_another_arch_or_classes_are_refused(reference, tmp_path):
+def test_ported_teachers_of_another_arch_or_classes_are_refused(reference, tmp_path, capsys):
     work, _ = reference
     teacher = next((work / "stages").glob("teachers-*")) / "erm_0"
-    proc = main(
-        *TINY,
-        "--workdir",
-        str(tmp_path / "a"),
-        "--config.teachers.arch=resnet50",
-        f"--config.teachers.checkpoints=('{teacher}',)",
+    code, _, err = run_main(
+        [
+            *TINY,
+            "--workdir",
+            str(tmp_path / "a"),
+            "--config.teachers.arch=resnet50",
+            f"--config.teachers.checkpoints=('{teacher}',)",
+        ],
+        capsys,
     )
-    assert proc.returncode == 2 and "resnet18" in proc.stderr and "resnet50" in proc.stderr
+    assert code == 2 and "resnet18" in err and "resnet50" in err
     info = json.loads((teacher / checkpoints.PROVENANCE).read_text())
     variables, _ = checkpoints.load_variables(teacher)
     variables["params"]["fc"] = {
@@ -175,36 +176,43 @@ def test_ported_teachers_of_another_arch_or_classes_are_refused(reference, tmp_p
     }
     bad = tmp_path / "bad_teacher"
     checkpoints.save_variables(bad, variables, metadata={**info, "num_classes": 3})
-    proc = main(
-        *TINY, "--workdir", str(tmp_path / "b"), f"--config.teachers.checkpoints=('{bad}',)"
+    code, _, err = run_main(
+        [*TINY, "--workdir", str(tmp_path / "b"), f"--config.teachers.checkpoints=('{bad}',)"],
+        capsys,
     )
-    assert proc.returncode == 2 and "3 classes but the dataset has 2" in proc.stderr
+    assert code == 2 and "3 classes but the dataset has 2" in err
     wrong = tmp_path / "wrong_arch"
     checkpoints.save_variables(
         wrong, checkpoints.load_variables(teacher)[0], metadata={**info, "arch": "resnet34"}
     )
-    proc = main(
-        *TINY,
-        "--workdir",
-        str(tmp_path / "c"),
-        "--config.teachers.arch=resnet34",
-        f"--config.teachers.checkpoints=('{wrong}',)",
+    code, _, err = run_main(
+        [
+            *TINY,
+            "--workdir",
+            str(tmp_path / "c"),
+            "--config.teachers.arch=resnet34",
+            f"--config.teachers.checkpoints=('{wrong}',)",
+        ],
+        capsys,
     )
-    assert proc.returncode == 2 and "do not fit" in proc.stderr and "Traceback" not in proc.stderr
+    assert code == 2 and "do not fit" in err and "Traceback" not in err
 
 
-def test_non_finite_loss_stops_with_the_stage_and_step(reference, tmp_path):
+def test_non_finite_loss_stops_with_the_stage_and_step(reference, tmp_path, capsys):
     work, _ = reference
-    proc = main(
-        *TINY,
-        "--workdir",
-        str(tmp_path / "w"),
-        "--config.train.optimizer.learning_rate=1e30",
-        f"--config.stage_dir={work / 'stages'}",
+    code, _, err = run_main(
+        [
+            *TINY,
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.train.optimizer.learning_rate=1e30",
+            f"--config.stage_dir={work / 'stages'}",
+        ],
+        capsys,
     )
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "stage 'distill': non-finite loss" in proc.stderr and "at step" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert code == 1, err[-2000:]
+    assert "stage 'distill': non-finite loss" in err and "at step" in err
+    assert "Traceback" not in err
 
 
 def test_killed_runs_resume_to_identical_results(reference, tmp_path):
@@ -218,20 +226,14 @@ def test_killed_runs_resume_to_identical_results(reference, tmp_path):
         *args, script=script, env={"KILL_STAGE": "teachers", "KILL_AT": "10", "KILL_MODE": "step"}
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
-    # Distillation: 15 steps per epoch, checkpoints every 5; die at step 17 (last one: 15) ...
+    # Distillation: 15 steps per epoch, checkpoints every 5; die in the middle of writing the
+    # checkpoint of step 20 (two atomic renames per save: the 7th), after its files, before
+    # its commit: the checkpoint of step 15 must survive intact.
     proc = main(
-        *args, script=script, env={"KILL_STAGE": "distill", "KILL_AT": "17", "KILL_MODE": "step"}
+        *args, script=script, env={"KILL_STAGE": "distill", "KILL_AT": "7", "KILL_MODE": "save"}
     )
     assert (
         proc.returncode == -9 and "[teachers] resuming from the checkpoint at step 7" in proc.stdout
-    )
-    # ... then in the middle of writing the checkpoint of step 20 (the first save after
-    # resuming from 15): the previous checkpoint must survive intact.
-    proc = main(
-        *args, script=script, env={"KILL_STAGE": "distill", "KILL_AT": "1", "KILL_MODE": "save"}
-    )
-    assert (
-        proc.returncode == -9 and "[distill] resuming from the checkpoint at step 15" in proc.stdout
     )
     proc = ok(main(*args))
     assert "[distill] resuming from the checkpoint at step 15" in proc.stdout

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ml_collections
 import pytest
+from inprocess import run_main
 
 from agre_jax import errors, report, stages, sweep, sweep_runner, train, workdir
 from configs import tiny
@@ -767,9 +768,10 @@ def test_main_rejects_a_bad_sweep(tmp_path):
     assert "error: invalid sweep: sweep.baseline 'nope' is not a variant" in proc.stderr
 
 
-def test_tiny_sweep_end_to_end(tmp_path):
-    """2 variants x 2 seeds of configs/tiny.py (1 student epoch): one teacher stage for all,
-    the report, then a second call that skips every finished run."""
+def test_tiny_sweep_end_to_end(tmp_path, capsys):
+    """2 variants x 2 seeds of configs/tiny.py (1 student epoch), main.py in this process
+    (tests/inprocess.py; a real process is the test above): one teacher stage for all, the
+    report, then a second call that skips every finished run."""
     args = [
         "--config",
         "configs/sweeps/tiny.py",
@@ -778,11 +780,11 @@ def test_tiny_sweep_end_to_end(tmp_path):
         "--workdir",
         str(tmp_path),
     ]
-    proc = main(*args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, out, err = run_main(args, capsys)
+    assert code == 0, out[-3000:] + err[-3000:]
     assert len(list((tmp_path / "stages").glob("teachers-*"))) == 1  # trained once
     assert len(list((tmp_path / "stages").glob("dfr-*"))) == 1
-    assert proc.stdout.count("[teachers] reusing") == 3
+    assert out.count("[teachers] reusing") == 3
     for v in ("agre", "aver"):
         for seed in (0, 1):
             r = json.loads((tmp_path / "runs" / v / f"seed{seed}" / "results.json").read_text())
@@ -792,7 +794,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert "Runs finished 4 of 4" in md and "Seeds: 0, 1" in md
     assert "Shared stages, computed once for all runs (not in s/run): data " in md
     assert ", teachers " in md and ", dfr " in md
-    last = proc.stdout.strip().splitlines()[-1]
+    last = out.strip().splitlines()[-1]
     assert last.startswith(f"[sweep] report: {tmp_path / 'results.md'} (and results.csv")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     print((tmp_path / "results.csv").read_text())
@@ -803,6 +805,6 @@ def test_tiny_sweep_end_to_end(tmp_path):
     for p in plots:
         assert_png(tmp_path / "plots" / p)
 
-    again = main(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished earlier, skipped") == 4
+    code, out, err = run_main(args, capsys)
+    assert code == 0, err[-3000:]
+    assert out.count("finished earlier, skipped") == 4

@@ -246,12 +246,13 @@ def test_step_weights_use_this_batch_statistics():
     assert cfg.needs_gram
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_layerwise_gram_equals_per_sample_jacobians(arch):
-    """Strided 7x7 stem, max-pool, downsampling and Bottleneck blocks: every layer kind.
+@pytest.mark.parametrize("block", [models.BasicBlock, models.Bottleneck])
+def test_layerwise_gram_equals_per_sample_jacobians(block):
+    """Strided 7x7 stem, max-pool, downsampling, basic and Bottleneck blocks: every layer
+    kind of the ResNets, one block per stage (the deeper ResNets repeat these layers).
     Three classes (the Gram path's cost grows with them; ten classes are checked against
     brute force on the small ResNet above)."""
-    model = models.create(arch, 3, width=4)
+    model = models.ResNet(stage_sizes=(1, 1, 1, 1), block_cls=block, num_classes=3, width=4)
     variables = models.init(model, jax.random.key(0), 16)
     stats = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])
 
@@ -398,3 +399,132 @@ def test_aekd_weights_under_pmap_use_the_global_batch():
         lambda x: weighting.aekd_weights(x, cap=0.5, axis_name="batch"), axis_name="batch"
     )(shards)
     np.testing.assert_allclose(got, jnp.broadcast_to(ref, got.shape), atol=1e-5)
+
+
+def _brute_force_distance(s, f, kind):
+    """One sample's feature loss, written out: average-pool s to f's map, then the mean
+    squared error, or attention transfer's mean squared difference of normalised maps."""
+    if s.ndim == 3 and s.shape[:2] != f.shape[:2]:
+        h, w = f.shape[:2]
+        s = s.reshape(h, s.shape[0] // h, w, s.shape[1] // w, s.shape[2]).mean(axis=(1, 3))
+    if kind == "mse":
+        return jnp.mean(jnp.square(s - f))
+
+    def attention(x):
+        a = jnp.mean(jnp.square(x), axis=-1).ravel()
+        return a / jnp.linalg.norm(a)
+
+    return jnp.mean(jnp.square(attention(s) - attention(f)))
+
+
+@pytest.mark.parametrize(
+    "kind, method, normalize",
+    [("mse", "layerwise", True), ("mse", "vmap", False), ("attention", "layerwise", True)],
+)
+def test_feature_agre_weights_match_brute_force(kind, method, normalize):
+    """Per-layer AGRE weights of the feature loss against explicit per-sample gradients of
+    every student and adapter parameter, one `jax.grad` per sample, layer and reference.
+    Teachers of another width (real 1x1-conv and Dense adapters) and a coarser map at every
+    spatial layer (the student's maps are pooled), as a small-input student against
+    ImageNet-stem teachers."""
+    layers = ("layer2", "layer4", "pooled") if kind == "mse" else ("layer1", "layer2")
+    gammas = tuple((name, 0.5) for name in layers)
+    cfg = distill.DistillConfig(
+        feature_weighting="agre",
+        feature_loss=kind,
+        gammas=gammas,
+        gram=method,
+        chunk_size=4,
+        normalize_grads=normalize,
+    )
+    student = tiny_resnet(2)
+    teacher = models.create("resnet18", 2, width=6)  # ImageNet stem: strides 8 .. 32
+    size = 16
+    ens = distill.Ensemble(teachers=(teacher,), group_sizes=(M,), biased_backbone=(0, 0))
+    mdl = distill.create_models(student, ens, cfg)
+    variables = models.init(student, jax.random.key(0), size)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(2), 4)
+    stats = jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])
+    images = jax.random.normal(k1, (B, size, size, 3))
+    _, s_feats = models.apply_with_features(
+        student, {"params": variables["params"], "batch_stats": stats}, images, layers=layers
+    )
+    params = {"student": variables["params"]}
+    if mdl.adapters is not None:
+        params["adapters"] = mdl.adapters.init(k2, dict(s_feats))["params"]
+        adapted = mdl.adapters.apply({"params": params["adapters"]}, dict(s_feats))
+    else:
+        adapted = dict(s_feats)
+    t_shapes = {
+        k: v.shape[1:]
+        for k, v in models.apply_with_features(
+            teacher, models.init(teacher, k3, size), images, layers=layers
+        )[1].items()
+    }
+    refs = {}  # M teachers then the biased model, near the student's (pooled) features
+    for i, k in enumerate(layers):
+        near = adapted[k] if len(t_shapes[k]) == 1 else losses.pool_to(adapted[k], t_shapes[k][:2])
+        noise = jax.random.normal(jax.random.fold_in(k4, i), (M + 1, B, *t_shapes[k]))
+        refs[k] = noise + (near[None] if near.shape[1:] == t_shapes[k] else 0.0)
+    t_feats = {k: v[:M] for k, v in refs.items()}
+    b_feats = {k: v[M] for k, v in refs.items()}
+    ours, metrics = jax.jit(
+        lambda p, x, s, t, b: distill.feature_weights(
+            cfg, mdl, params=p, batch_moments=stats, images=x, s_feats=s, t_feats=t, b_feats=b
+        )
+    )(params, images, s_feats, t_feats, b_feats)
+
+    def features(p, x):  # the student's adapted features of one image, from scratch
+        _, f = models.apply_with_features(
+            student, {"params": p["student"], "batch_stats": stats}, x[None], layers=layers
+        )
+        if mdl.adapters is not None:
+            f = mdl.adapters.apply({"params": p["adapters"]}, dict(f))
+        return {k: v[0] for k, v in f.items()}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def grad_one(name, x, f):
+        g = jax.grad(lambda p: _brute_force_distance(features(p, x)[name], f, kind))(params)
+        return jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(g)])
+
+    for name in layers:
+        grads = np.asarray(
+            [[grad_one(name, images[i], refs[name][r, i]) for i in range(B)] for r in range(M + 1)],
+            np.float64,
+        )
+        ref = brute_force_agre(grads[:M], grads[M], normalize)
+        chex.assert_shape(ours[name], (B, M))
+        np.testing.assert_allclose(ours[name], ref, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(
+            metrics[f"feat_weight/0/{name}"], ref[:, 0].mean(), atol=2e-5, err_msg=name
+        )
+
+
+class WeightsVariantsTest(chex.TestCase):
+    """The weighting functions op by op (no jit) and compiled give the same weights."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_variants_agree(self):
+        k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+        s_logits = jax.random.normal(k1, (B, 10))
+        refs = s_logits[None] + jax.random.normal(k2, (M + 1, B, 10))
+        a = jax.random.normal(k3, (B, 10, 10))
+        gram = a @ jnp.swapaxes(a, 1, 2)  # positive semi-definite, like J J^T
+
+        def weights(s, r, k):
+            g_t, g_b = weighting.kd_grads(s, r[:M], r[M], TAU)
+            w, _ = weighting.agre_weights(
+                g_t, g_b, gram=k, normalize_grads=True, empty_rows="uniform"
+            )
+            layer_w, _ = weighting.feature_agre_weights(
+                jnp.tile(k[:, : M + 1, : M + 1], (1, 2, 2)),
+                2,
+                normalize_grads=True,
+                empty_rows="drop",
+            )
+            return w, layer_w
+
+        got = self.variant(weights)(s_logits, refs, gram)
+        want = jax.jit(weights)(s_logits, refs, gram)
+        chex.assert_trees_all_close(got, want, atol=1e-6)
+        chex.assert_shape(got[1], (2, B, M))
