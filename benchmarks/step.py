@@ -58,7 +58,12 @@ METHODS = {
     "agre/full-vmap": dict(weighting="agre", grad_scope="full", gram="vmap"),
     "agre_batch": dict(weighting="agre_batch", grad_scope="full"),
     "aekd": dict(weighting="aekd"),
+    # per-sample AGRE on the KD and per-layer AGRE on the feature targets (needs feature gammas)
+    "agre/full+feature_agre": dict(
+        weighting="agre", grad_scope="full", gram="layerwise", feature_weighting="agre"
+    ),
 }
+FEATURE_METHODS = ("agre/full+feature_agre",)  # the methods that need a feature loss
 TORCH_METHODS = ("aver", "agre_batch")  # the methods TorchReference implements
 GAMMA_POOLED_TORCH = 0.25  # default --gamma-pooled with --compare-torch
 LEARNING_RATE = 1e-3
@@ -541,8 +546,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.gamma_pooled = GAMMA_POOLED_TORCH if args.compare_torch else 0.0
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    features = any(g > 0 for g in [*args.gammas, args.gamma_pooled])
     if not args.compare_torch:
-        args.methods = args.methods or list(METHODS)
+        args.methods = args.methods or [m for m in METHODS if features or m not in FEATURE_METHODS]
+        if not features and set(args.methods) & set(FEATURE_METHODS):
+            parser.error(
+                f"{', '.join(FEATURE_METHODS)} weights the feature loss: give --gammas or "
+                "--gamma-pooled > 0"
+            )
         return args
     if args.methods is None:
         args.methods = list(TORCH_METHODS)

@@ -257,17 +257,19 @@ def test_path_is_chosen_from_the_shapes():
     )
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_resnet_auto_equals_lax(arch, monkeypatch):
+@pytest.mark.parametrize("block", [models.BasicBlock, models.Bottleneck])
+def test_resnet_auto_equals_lax(block, monkeypatch):
     """A whole ResNet at 64 px (layer4 on 2 x 2 maps): logits, captured features and every
-    parameter gradient of conv_impl 'auto' equal 'lax''s; same parameter tree. Computed in
-    float64, where the two summation orders agree to ~1e-14 (in float32 the gradients of the
-    50-layer network differ by rounding, up to ~3e-5 of their magnitude). Every convolution
-    that conv_by_slices does not take takes conv_matmul_grad's kernel gradient here (its
-    threshold set to 0; at these sizes only the stem would)."""
+    parameter gradient of conv_impl 'auto' equal 'lax''s; same parameter tree. Two blocks per
+    stage: ResNet-18 itself, and with Bottleneck blocks every convolution shape of ResNet-50
+    (whose later blocks in a stage repeat the second's). Computed in float64, where the two
+    summation orders agree to ~1e-14 (in float32 the gradients of the 50-layer network differ
+    by rounding, up to ~3e-5 of their magnitude). Every convolution that conv_by_slices does
+    not take takes conv_matmul_grad's kernel gradient here (its threshold set to 0; at these
+    sizes only the stem would)."""
     monkeypatch.setattr(models, "MATMUL_GRAD_MIN_MACS", 0)
-    auto = models.create(arch, 3, width=4)
-    plain = models.create(arch, 3, width=4, conv_impl="lax")
+    auto = models.ResNet(stage_sizes=(2, 2, 2, 2), block_cls=block, num_classes=3, width=4)
+    plain = auto.clone(conv_impl="lax")
     variables = models.init(auto, jax.random.key(0), 64)
     assert jax.tree.structure(variables) == jax.tree.structure(models.abstract_variables(plain, 64))
     with jax.enable_x64(True):

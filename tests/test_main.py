@@ -1,7 +1,7 @@
-"""main.py end to end on configs/tiny.py: the report of a real process, then in this process
-(tests/inprocess.py) stage reuse, another config in the same workdir, refused ported teachers
-and a non-finite loss, and in real processes again resuming after the process is killed
-(mid-stage and mid-save) with identical results. Config and data mistakes are
+"""main.py end to end on configs/tiny.py, in this process (tests/inprocess.py): the report,
+stage reuse, another config in the same workdir, refused ported teachers and a non-finite
+loss; and in real processes, killed mid-stage and mid-save, then resumed to identical
+results (the exit status of real processes: tests/test_bad_inputs.py). Config and data mistakes are
 tests/test_bad_inputs.py's (in process; a real process's exit status there too)."""
 
 import json
@@ -76,21 +76,17 @@ def main(*args, env=None, script="main.py"):
     )
 
 
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One uninterrupted tiny run."""
+    """One uninterrupted tiny run, in this process: (workdir, stdout)."""
     work = tmp_path_factory.mktemp("reference")
-    proc = ok(main(*TINY, "--workdir", str(work)))
-    return work, proc
+    code, out, err = run_main([*TINY, "--workdir", str(work)])
+    assert code == 0, out[-3000:] + err[-3000:]
+    return work, out
 
 
 def test_report_files_and_structure(reference):
-    work, proc = reference
+    work, stdout = reference
     report = json.loads((work / "results.json").read_text())
     names = set(report["test"])
     assert {
@@ -113,8 +109,8 @@ def test_report_files_and_structure(reference):
     assert "weight/0" in report["distill_weights"] and "empty_rows" in report["distill_weights"]
     table = (work / "results.md").read_text()
     assert "| student (best val WGA) |" in table and "avg (train-weighted)" in table
-    assert "| student (best val WGA) |" in proc.stdout  # the table is printed
-    assert "[distill] epoch 2/2" in proc.stdout  # one summary line per epoch
+    assert "| student (best val WGA) |" in stdout  # the table is printed
+    assert "[distill] epoch 2/2" in stdout  # one summary line per epoch
     records = [
         json.loads(x) for x in (work / "distill" / "metrics.jsonl").read_text().split("\n") if x
     ]
@@ -215,7 +211,7 @@ def test_non_finite_loss_stops_with_the_stage_and_step(reference, tmp_path, caps
     assert "Traceback" not in err
 
 
-def test_killed_runs_resume_to_identical_results(reference, tmp_path):
+def test_killed_runs_resume_to_identical_results(reference, tmp_path, capsys):
     ref, _ = reference
     work = tmp_path / "killed"
     (tmp_path / "killer.py").write_text(KILLER)
@@ -235,8 +231,9 @@ def test_killed_runs_resume_to_identical_results(reference, tmp_path):
     assert (
         proc.returncode == -9 and "[teachers] resuming from the checkpoint at step 7" in proc.stdout
     )
-    proc = ok(main(*args))
-    assert "[distill] resuming from the checkpoint at step 15" in proc.stdout
+    code, out, err = run_main(list(args), capsys)  # the rest, in this process
+    assert code == 0, err[-3000:]
+    assert "[distill] resuming from the checkpoint at step 15" in out
     # Also the determinism test (issue 12): the same config and seeds, in another process and
     # workdir, give bitwise-identical teachers and students.
     teachers = sorted(str(p.relative_to(ref)) for p in ref.glob("stages/teachers-*/erm_*"))

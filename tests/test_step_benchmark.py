@@ -61,6 +61,15 @@ def test_compare_torch_restricts_options(capsys):
     assert step.parse_args(["--image-size", "32"]).gamma_pooled == 0.0
 
 
+def test_feature_weighting_needs_a_feature_loss(capsys):
+    assert "agre/full+feature_agre" not in step.parse_args(["--image-size", "32"]).methods
+    args = step.parse_args(["--image-size", "32", "--gammas", "0.05", "0.1", "0.25"])
+    assert "agre/full+feature_agre" in args.methods
+    with pytest.raises(SystemExit):
+        step.parse_args(["--methods", "agre/full+feature_agre"])
+    assert "give --gammas or --gamma-pooled > 0" in capsys.readouterr().err
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch with one thread: on a shared 2-core machine two OpenMP threads wait for each other

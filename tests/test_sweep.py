@@ -769,13 +769,13 @@ def test_main_rejects_a_bad_sweep(tmp_path):
 
 
 def test_tiny_sweep_end_to_end(tmp_path, capsys):
-    """2 variants x 2 seeds of configs/tiny.py (1 student epoch), main.py in this process
+    """2 variants x 1 seed of configs/tiny.py (1 student epoch), main.py in this process
     (tests/inprocess.py; a real process is the test above): one teacher stage for all, the
     report, then a second call that skips every finished run."""
     args = [
         "--config",
         "configs/sweeps/tiny.py",
-        "--config.sweep.seeds=(0,1)",
+        "--config.sweep.seeds=(0,)",
         "--config.train.epochs=1",
         "--workdir",
         str(tmp_path),
@@ -784,14 +784,13 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     assert code == 0, out[-3000:] + err[-3000:]
     assert len(list((tmp_path / "stages").glob("teachers-*"))) == 1  # trained once
     assert len(list((tmp_path / "stages").glob("dfr-*"))) == 1
-    assert out.count("[teachers] reusing") == 3
+    assert out.count("[teachers] reusing") == 1
     for v in ("agre", "aver"):
-        for seed in (0, 1):
-            r = json.loads((tmp_path / "runs" / v / f"seed{seed}" / "results.json").read_text())
-            assert r["seed"] == seed and r["config"]["distill"]["weighting"] == v
+        r = json.loads((tmp_path / "runs" / v / "seed0" / "results.json").read_text())
+        assert r["seed"] == 0 and r["config"]["distill"]["weighting"] == v
     md = (tmp_path / "results.md").read_text()
     print(md)
-    assert "Runs finished 4 of 4" in md and "Seeds: 0, 1" in md
+    assert "Runs finished 2 of 2" in md and "Seeds: 0" in md
     assert "Shared stages, computed once for all runs (not in s/run): data " in md
     assert ", teachers " in md and ", dfr " in md
     last = out.strip().splitlines()[-1]
@@ -799,7 +798,7 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     print((tmp_path / "results.csv").read_text())
     assert sorted(r["variant"] for r in rows) == ["agre", "aver"]
-    assert {r["n"] for r in rows} == {"2"} and all(r["wga_mean_pct"] != "" for r in rows)
+    assert {r["n"] for r in rows} == {"1"} and all(r["wga_mean_pct"] != "" for r in rows)
     plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert plots == ["group_acc_best.png", "teacher_weights.png", "wga_by_variant.png"]
     for p in plots:
@@ -807,4 +806,4 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
 
     code, out, err = run_main(args, capsys)
     assert code == 0, err[-3000:]
-    assert out.count("finished earlier, skipped") == 4
+    assert out.count("finished earlier, skipped") == 2
