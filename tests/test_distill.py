@@ -41,18 +41,26 @@ def teacher_variables(num_classes):
     return model, out, head
 
 
+@functools.cache
+def _static(num_classes, lr, cfg_items):
+    """Models, config and optimiser, one object per setting, so that tests of one setting
+    share its compiled step (`run`) instead of tracing it again (about 10 s each)."""
+    t_model, _, _ = teacher_variables(num_classes)
+    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, 1))
+    cfg = distill.DistillConfig(**{"chunk_size": 4, **dict(cfg_items)})
+    mdl = distill.create_models(tiny(num_classes, 4), ens, cfg)
+    return mdl, cfg, optim.create_optimizer("sgd", lr, 100)
+
+
 def setup(num_classes=10, identical=False, biased_is_teacher=None, lr=0.05, **cfg_kwargs):
     """Models, frozen pytree, config, optimiser, initial state and a batch."""
-    t_model, t_vars, head = teacher_variables(num_classes)
+    _, t_vars, head = teacher_variables(num_classes)
     if identical:
         t_vars = [t_vars[0]] * M
     if biased_is_teacher is not None:
         head = t_vars[biased_is_teacher]["params"]["fc"]
-    ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, 1))
     frozen = {"teachers": (distill.stack_variables(t_vars),), "biased": head}
-    cfg = distill.DistillConfig(**{"chunk_size": 4, **cfg_kwargs})
-    mdl = distill.create_models(tiny(num_classes, 4), ens, cfg)
-    tx = optim.create_optimizer("sgd", lr, 100)
+    mdl, cfg, tx = _static(num_classes, lr, tuple(sorted(cfg_kwargs.items())))
     state = distill.create_train_state(mdl, tx, jax.random.key(0), SIZE)
     k1, k2 = jax.random.split(jax.random.key(7))
     batch = {
@@ -62,9 +70,15 @@ def setup(num_classes=10, identical=False, biased_is_teacher=None, lr=0.05, **cf
     return mdl, frozen, cfg, tx, state, batch
 
 
+_STEPS = {}  # (id(mdl), id(cfg), id(tx)) -> (the objects, their jitted step)
+
+
 def run(mdl, cfg, tx, state, frozen, batch, steps=1, seed=3):
     rng = jax.random.key(seed)
-    step = distill.compile_step(mdl, cfg, tx, pmap=False)
+    key = (id(mdl), id(cfg), id(tx))
+    if key not in _STEPS:  # the objects are kept with the step: their ids stay theirs
+        _STEPS[key] = (mdl, cfg, tx, distill.compile_step(mdl, cfg, tx, pmap=False))
+    step = _STEPS[key][3]
     state = jax.tree.map(jnp.copy, state)  # the step donates its input state
     for i in range(steps):
         state, metrics = step(state, frozen, batch, jax.random.fold_in(rng, i))
@@ -157,15 +171,17 @@ def test_teacher_equal_to_biased_model_gets_the_lowest_weight(weighting):
 
 
 def test_aver_with_alpha_one_and_no_features_is_plain_ensemble_kd():
-    mdl, frozen, cfg, tx, state, batch = setup(10, weighting="aver", alpha=1.0)
+    mdl, frozen, cfg, tx, state, batch = setup(10, weighting="aver")  # alpha 1, the default
+    assert cfg.alpha == 1.0
     _, metrics = run(mdl, cfg, tx, state, frozen, batch)
     t_model, t_vars, _ = teacher_variables(10)
     variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
-    s_logits, _, _ = models.apply_with_features(
-        mdl.student, variables, batch["image"], train=True, layers=()
-    )
+    s_logits, _, _ = jax.jit(
+        lambda v, x: models.apply_with_features(mdl.student, v, x, train=True, layers=())
+    )(variables, batch["image"])
+    teacher = jax.jit(t_model.apply)  # compiled once: op by op, three networks take seconds
     per_teacher = [
-        jnp.mean(losses.kd_loss(s_logits, t_model.apply(v, batch["image"]), cfg.temperature))
+        jnp.mean(losses.kd_loss(s_logits, teacher(v, batch["image"]), cfg.temperature))
         for v in t_vars
     ]
     np.testing.assert_allclose(metrics["loss"], np.mean(per_teacher), rtol=1e-5)
