@@ -489,8 +489,8 @@ def feature_weights(
         p["adapters"] = params["adapters"]
 
     def adapted(q, x=None):
-        if x is None:
-            feats = s_feats
+        if x is None:  # the step's own features (it may hold more layers, e.g. 'pooled')
+            feats = {k: s_feats[k] for k in layers}
         else:
             variables = {"params": q["student"], "batch_stats": batch_moments}
             _, feats = models.apply_with_features(mdl.student, variables, x, layers=layers)

@@ -157,7 +157,7 @@ def feature_loss(
                 else _channel_mask(jax.random.fold_in(rng, 1000 + i), t.shape, dropout_rate)
             )
         d = feature_distance(s, t, kind, mask_s, mask_t)
-        w = sample_weight.get(name) if isinstance(sample_weight, Mapping) else sample_weight
+        w = sample_weight[name] if isinstance(sample_weight, Mapping) else sample_weight
         layer_loss = jnp.mean(d) if w is None else jnp.sum(d * w) / d.shape[0]
         per_layer[name] = layer_loss
         total = total + gamma * layer_loss

@@ -132,6 +132,20 @@ def model(block: ml_collections.ConfigDict, num_classes: int, compute_dtype: Any
     )
 
 
+def trained_biased_model(
+    config: ml_collections.ConfigDict, num_classes: int, compute_dtype: Any
+) -> Any:
+    """The ResNet of biased.arch that its stage trains, at the teachers' width and stem."""
+    t = config.teachers
+    return models.create(
+        config.biased.arch,
+        num_classes,
+        width=t.width,
+        small_input=t.small_input,
+        dtype=compute_dtype,
+    )
+
+
 def num_teachers(config: ml_collections.ConfigDict) -> int:
     """M: the ported checkpoints' count, else teachers.num."""
     t = config.teachers
@@ -291,12 +305,8 @@ def validate(config: ml_collections.ConfigDict) -> Layout:
     # The models and adapters, with a placeholder class count (checked against the data later).
     teacher = model(config.teachers, 2, compute_dtype)
     student = model(config.student, 2, compute_dtype)
-    biased = None
-    if config.biased.arch:  # a ported biased.checkpoint is checked once its files are read
-        t = config.teachers  # the biased stage trains it at the teachers' width
-        biased = models.create(
-            config.biased.arch, 2, width=t.width, small_input=t.small_input, dtype=compute_dtype
-        )
+    # A ported biased.checkpoint is checked once its files are read.
+    biased = trained_biased_model(config, 2, compute_dtype) if config.biased.arch else None
     if not config.teachers.checkpoints:  # ported teachers are checked once their files are read
         check_models(student, teacher, dcfg, biased)
     return run_layout

@@ -864,7 +864,8 @@ def distill_stage(
     try:
         mdl = distill.create_models(student, ens.ensemble, dcfg)
     except ValueError as e:
-        raise ConfigError(f"student and teachers do not fit together: {e}") from e
+        which = "student and teachers" if ens.ensemble.biased is None else "the models"
+        raise ConfigError(f"{which} do not fit together: {e}") from e
     if wd.is_done(directory):
         print(f"[distill] reusing {directory}")
         best, last, done = read_stage(

@@ -70,13 +70,16 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     s_init = _optional(config.student.init_from, "student.init_from", data)
     biased = _optional(config.biased.checkpoint, "biased.checkpoint", data)
     pretrain_keys = stages.pretrain_keys(config, pdata) if pdata else {}
-    if ported or biased is not None:
+    if ported or biased is not None:  # settings.validate checked the other cases
         teacher = ported[0].model if ported else settings.model(config.teachers, 2, data.dtype)
+        b_model = None if biased is None else biased.model
+        if config.biased.arch:  # trained by its stage at the configured teachers' width
+            b_model = settings.trained_biased_model(config, teacher.num_classes, data.dtype)
         settings.check_models(
             settings.model(config.student, teacher.num_classes, data.dtype),
             teacher,
             settings.distill_config(config),
-            None if biased is None else biased.model,
+            b_model,
         )
     b_config = b_keys = None
     if config.biased.arch:

@@ -185,8 +185,8 @@ def cotangent_gram(
 
 def _cotangent_gram_one(fn: Callable[[Any, jax.Array], Any], params: Any, x: jax.Array, u: Any):
     """One sample: x [H, W, 3], u leaves [R, ...] -> [R, R]."""
-    _, vjp_fn = jax.vjp(lambda p: fn(p, x[None]), params)
-    (grads,) = jax.vmap(vjp_fn)(jax.tree.map(lambda v: v[:, None], u))
+    out, vjp_fn = jax.vjp(lambda p: fn(p, x[None]), params)
+    (grads,) = jax.vmap(vjp_fn)(jax.tree.map(lambda v, o: v[:, None].astype(o.dtype), u, out))
     r = jax.tree.leaves(u)[0].shape[0]
     leaves = [g.reshape(r, -1).astype(jnp.float32) for g in jax.tree.leaves(grads)]
     return sum(leaf @ leaf.T for leaf in leaves)

@@ -258,6 +258,24 @@ def test_checkpoint_mistakes(tmp_path, capsys, monkeypatch, teacher_dir):
             "hold resnet18 weights but teachers.arch is 'resnet50'",
         ),
         ([f"--config.biased.checkpoint={tmp_path / 'nope'}"], "biased.checkpoint"),
+        (  # a biased model to train, of features unlike the ported teachers'
+            [
+                f"--config.teachers.checkpoints=('{teacher_dir}',)",
+                "--config.distill.feature_weighting=agre",
+                "--config.biased.arch=resnet50",
+            ],
+            "biased model do not fit together: feature_weighting 'agre' compares the biased "
+            "model's 'layer3' features with the teachers': widths 64 against 16",
+        ),
+        (  # ... or of the configured teachers' width, not the ported teachers'
+            [
+                f"--config.teachers.checkpoints=('{teacher_dir}',)",
+                "--config.distill.feature_weighting=agre",
+                "--config.biased.arch=resnet18",
+                "--config.teachers.width=8",
+            ],
+            "widths 32 against 16",
+        ),
         ([f"--config.student.init_from={not_a_dir}"], "student.init_from"),
         ([f"--config.teachers.init_from={no_provenance}"], "teachers.init_from"),
         (

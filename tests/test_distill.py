@@ -138,6 +138,22 @@ def test_feature_agre_needs_the_biased_model_at_the_teachers_widths():
     distill.create_models(tiny(10, 4), ens, cfg)  # the teachers' architecture: accepted
 
 
+@pytest.mark.parametrize("weighting", ["agre", "agre_batch"])
+def test_feature_agre_beside_last_layer_kd_weights_traces(weighting):
+    """Last-layer KD weights make the step capture 'pooled' without a gamma; the feature
+    weights take only the layers with one."""
+    mdl, frozen, cfg, tx, state, batch = setup(
+        2,
+        weighting=weighting,
+        grad_scope="last_layer",
+        feature_weighting="agre",
+        gammas=(("layer2", 0.1),),
+    )
+    step = functools.partial(distill.distill_step, mdl=mdl, cfg=cfg, tx=tx)
+    _, metrics = jax.eval_shape(step, state, frozen, batch, jax.random.key(0))
+    assert "feat_weight/0/layer2" in metrics and "feat_weight/0/pooled" not in metrics
+
+
 def test_coarser_student_features_are_rejected():
     t_model, _, _ = teacher_variables(10)
     ens = distill.Ensemble(teachers=(t_model,), group_sizes=(M,), biased_backbone=(0, 0))

@@ -528,3 +528,27 @@ class WeightsVariantsTest(chex.TestCase):
         want = jax.jit(weights)(s_logits, refs, gram)
         chex.assert_trees_all_close(got, want, atol=1e-6)
         chex.assert_shape(got[1], (2, B, M))
+
+
+def test_cotangent_gram_of_bfloat16_outputs():
+    """Float32 cotangents at bfloat16 outputs (features without adapters under
+    dtype=bfloat16): both methods cast them to the outputs' dtype."""
+    model = tiny_resnet(2).clone(dtype=jnp.bfloat16)
+    variables = models.init(model, jax.random.key(0), 8)
+
+    def features(p, x):
+        _, f = models.apply_with_features(
+            model, {"params": p, "batch_stats": variables["batch_stats"]}, x, layers=("layer2",)
+        )
+        return dict(f)
+
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    shape = jax.eval_shape(features, variables["params"], images)["layer2"].shape
+    cot = {"layer2": jax.random.normal(jax.random.key(2), (3, *shape), jnp.float32)}
+    grams = [
+        weighting.cotangent_gram(features, variables["params"], images, cot, 2, method)
+        for method in ("layerwise", "vmap")
+    ]
+    assert features(variables["params"], images)["layer2"].dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(grams[1])))
+    np.testing.assert_allclose(grams[0] / scale, grams[1] / scale, atol=2e-2)
