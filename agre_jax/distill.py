@@ -176,7 +176,7 @@ class DistillConfig:
     @property
     def feature_agre(self) -> bool:
         """Whether the feature targets get their own per-layer AGRE weights."""
-        return self.feature_weighting == "agre" and bool(self.feature_layers)
+        return self.feature_weighting == "agre"  # refused above without a feature layer
 
     @property
     def needs_gram(self) -> bool:
@@ -502,16 +502,14 @@ def feature_weights(
         return losses.feature_distance(s, f, cfg.feature_loss)
 
     cot = weighting.feature_cotangents(adapted(p), t_feats, b_feats, distance)
-    gram = weighting.cotangent_gram(
-        lambda q, x: adapted(q, x), p, images, cot, cfg.chunk_size, cfg.gram
-    )
+    gram = weighting.cotangent_gram(adapted, p, images, cot, cfg.chunk_size, cfg.gram)
     w, empty = weighting.feature_agre_weights(
         gram, len(layers), normalize_grads=cfg.normalize_grads, empty_rows=cfg.empty_rows
     )
-    out = {k: w[i] for i, k in enumerate(layers)}
-    metrics = {}
-    for k, wk in out.items():
-        for name, v in weighting.weight_metrics(wk, empty[layers.index(k)]).items():
+    out, metrics = {}, {}
+    for i, k in enumerate(layers):
+        out[k] = w[i]
+        for name, v in weighting.weight_metrics(w[i], empty[i]).items():
             metrics[f"feat_{name}/{k}"] = v
     return jax.lax.stop_gradient(out), metrics
 
