@@ -5,11 +5,14 @@
 - Four fake CPU devices so that pmap is tested on this machine.
 - XLA's slow optimisation passes off: tests run tiny models, where compiling dominates
   (measured: the weighting tests went from minutes to about one). Subprocesses inherit it.
-- One persistent compilation cache for the session: the end-to-end tests run main.py many
-  times on the same tiny config, and each run would otherwise recompile the same programs.
+- One persistent compilation cache for the session, removed at its end: the end-to-end tests
+  run main.py many times on the same tiny config, and each run would otherwise recompile the
+  same programs.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -17,7 +20,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="agre_jax_xla_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # Made by the first process that loads this file (pytest's controller); xdist workers and
+    # subprocesses inherit it. Removed when that process exits: each session's cache is tens
+    # of MB, and left behind they filled the disk that CI runs on.
+    _cache_dir = tempfile.mkdtemp(prefix="agre_jax_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import torch  # noqa: E402,F401
