@@ -3,6 +3,14 @@ cross-entropy and multi-layer feature losses, one optax update. Pure; compiled w
 `jax.jit` on one device and `jax.pmap(axis_name='batch')` across devices from one body.
 
 Shapes: B = per-device batch, M = number of teachers, C = classes.
+
+Teacher groups of different feature shapes (e.g. ResNet-50 and ResNet-18 teachers) are
+partitioned into feature classes (`feature_classes`): groups whose features agree in shape
+(channels, and stride on spatial layers) on every layer with a gamma > 0 form one class. Each
+class has its own adapters and its own target, the teacher-weighted average of its teachers'
+features with the weights renormalised within the class; the class's loss is weighted by its
+share of the teacher weights (losses.class_feature_loss). An ensemble of one class (every
+one-architecture ensemble, and ResNet-18 with ResNet-34) runs exactly the one-class step.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class DistillConfig:
       gammas: ((layer, gamma), ...) for the feature loss; gamma 0 layers are ignored.
       feature_loss: 'mse' (through 1x1-conv / Dense adapters), 'attention' (transfer) or
         'crd' (contrastive, losses.crd_loss, through models.CRDHeads; the `pooled` layer only).
+        Teachers of different feature shapes: one target (and adapters, or CRD heads) per
+        feature class, see `feature_classes` and `distill_step`.
       crd_dim: CRD's embedding width d.
       crd_temperature: CRD's InfoNCE temperature.
       feature_dropout: feature-channel dropout rate in the feature loss.
@@ -58,7 +68,8 @@ class DistillConfig:
         'shared' (the KD's weights) or 'agre' (per layer, from the cosines of the feature
         losses' own gradients, weighting.feature_agre_weights; over the student's and the
         adapters' parameters, BatchNorm statistics fixed, without feature dropout; computed
-        by `gram`, needs the biased model's features at the teachers' shapes).
+        by `gram`, needs the biased model's features at the teachers' shapes, and teachers
+        of one feature class).
       teacher_map: how a stack of teachers runs, see models.map_stacked.
     """
 
@@ -221,10 +232,15 @@ class Ensemble:
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """Student, adapters and frozen ensemble (static parts of the step)."""
+    """Student, adapters and frozen ensemble (static parts of the step).
+
+    `adapters`: None (no feature loss, or attention transfer), FeatureAdapters ('mse', one
+    feature class), ClassAdapters ('mse', several feature classes: params {'class_k': ...}) or
+    CRDHeads ('crd'; per-class teacher heads when the classes' pooled widths differ).
+    """
 
     student: models.ResNet
-    adapters: models.FeatureAdapters | models.CRDHeads | None
+    adapters: models.FeatureAdapters | models.ClassAdapters | models.CRDHeads | None
     ensemble: Ensemble
 
 
@@ -238,8 +254,47 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
 
 
+def feature_classes(ens: Ensemble, layers: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Partitions the teacher groups into feature classes for the feature layers `layers`.
+
+    Two groups are in one class when their features have the same shape on every layer of
+    `layers`: the same channels, and the same stride on spatial layers (so the same spatial
+    size). Classes are ordered by their first group and list their groups in group order:
+    class 0 holds group 0, and an ensemble whose groups all agree (every one-group ensemble,
+    ResNet-18 with ResNet-34, any ensemble without feature layers) is the one class
+    (0, 1, ..., G - 1).
+
+    Returns:
+      Per class, its group indices.
+    """
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for g, model in enumerate(ens.teachers):
+        channels, strides = models.feature_channels(model), models.feature_strides(model)
+        key = tuple((channels[name], strides.get(name)) for name in layers)
+        out.setdefault(key, []).append(g)
+    return tuple(tuple(groups) for groups in out.values())
+
+
+def class_teachers(ens: Ensemble, classes: Sequence[Sequence[int]]) -> tuple[np.ndarray, ...]:
+    """Per feature class, its teachers' positions on the ensemble's teacher axis M (the axis of
+    the [M, B, C] logits and of the [B, M] weights), in the order of the class's stacked
+    features from `ensemble_forward(by_class=True)`."""
+    starts = np.cumsum((0,) + tuple(ens.group_sizes))
+    return tuple(
+        np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups]) for groups in classes
+    )
+
+
 def create_models(student: models.ResNet, ensemble: Ensemble, cfg: DistillConfig) -> Models:
-    """Validates the models against the config and builds the adapters."""
+    """Validates the models against the config and builds the adapters.
+
+    Teacher groups of different feature shapes on the feature layers form several feature
+    classes (`feature_classes`): 'mse' then gets one FeatureAdapters per class (a
+    ClassAdapters), 'attention' none, and 'crd' one teacher head stack per class. Refused with
+    several classes: feature_weighting 'agre' (its per-layer cosines compare each teacher's
+    feature-loss gradient with the biased model's through one set of adapters, which teachers
+    of another class do not share).
+    """
     classes = {("teacher group", g): m.num_classes for g, m in enumerate(ensemble.teachers)}
     if ensemble.biased is not None:
         classes[("biased model", 0)] = ensemble.biased.num_classes
@@ -257,15 +312,15 @@ def create_models(student: models.ResNet, ensemble: Ensemble, cfg: DistillConfig
     if layers:
         widths = {k: models.feature_channels(m) for k, m in enumerate(ensemble.teachers)}
         strides = {k: models.feature_strides(m) for k, m in enumerate(ensemble.teachers)}
-        for k in widths:
-            for name in layers:
-                if widths[k][name] != widths[0][name] or (
-                    name != "pooled" and strides[k][name] != strides[0][name]
-                ):
-                    raise ValueError(
-                        f"feature distillation of {name!r} needs teachers of equal feature "
-                        "shapes; teacher groups 0 and {k} differ"
-                    )
+        classes = feature_classes(ensemble, layers)
+        if cfg.feature_agre and len(classes) > 1:
+            raise ValueError(
+                "feature_weighting 'agre' needs teachers of equal feature shapes on "
+                f"{list(layers)}: teacher groups {classes} form {len(classes)} feature classes "
+                "of different widths or strides, and its per-layer cosines compare every "
+                "teacher's feature-loss gradient with the biased model's through one set of "
+                "adapters; use feature_weighting 'shared'"
+            )
         if cfg.feature_agre and ensemble.biased is not None:
             b_widths = models.feature_channels(ensemble.biased)
             b_strides = models.feature_strides(ensemble.biased)
@@ -280,16 +335,25 @@ def create_models(student: models.ResNet, ensemble: Ensemble, cfg: DistillConfig
                         "architecture"
                     )
         s_strides = models.feature_strides(student)
-        for name in layers:
-            if name != "pooled" and s_strides[name] > strides[0][name]:
-                raise ValueError(
-                    f"student {name} is coarser (stride {s_strides[name]}) than the teachers' "
-                    f"(stride {strides[0][name]}): cannot pool it to the teacher's size"
-                )
-        if cfg.feature_loss == "mse":
+        for k in strides:
+            for name in layers:
+                if name != "pooled" and s_strides[name] > strides[k][name]:
+                    which = "teachers'" if len(classes) == 1 else f"teacher group {k}'s"
+                    raise ValueError(
+                        f"student {name} is coarser (stride {s_strides[name]}) than the "
+                        f"{which} (stride {strides[k][name]}): cannot pool it to the "
+                        "teacher's size"
+                    )
+        if cfg.feature_loss == "mse" and len(classes) == 1:
             adapters = models.create_adapters(student, ensemble.teachers[0], layers)
-        elif cfg.feature_loss == "crd":
+        elif cfg.feature_loss == "mse":
+            heads = [ensemble.teachers[groups[0]] for groups in classes]
+            adapters = models.create_class_adapters(student, heads, layers)
+        elif cfg.feature_loss == "crd" and len(classes) == 1:
             adapters = models.CRDHeads(cfg.crd_dim, sum(ensemble.group_sizes))
+        elif cfg.feature_loss == "crd":
+            sizes = tuple(sum(ensemble.group_sizes[g] for g in groups) for groups in classes)
+            adapters = models.CRDHeads(cfg.crd_dim, sizes)
     return Models(student=student, adapters=adapters, ensemble=ensemble)
 
 
@@ -306,7 +370,7 @@ def create_train_state(
     if student_variables is None:
         student_variables = models.init(mdl.student, s_rng, image_size)
     params = {"student": student_variables["params"], "adapters": {}}
-    if isinstance(mdl.adapters, models.CRDHeads):
+    if isinstance(mdl.adapters, models.CRDHeads) and isinstance(mdl.adapters.num_teachers, int):
         widths = (
             models.feature_channels(mdl.student)["pooled"],
             models.feature_channels(mdl.ensemble.teachers[0])["pooled"],
@@ -314,6 +378,16 @@ def create_train_state(
         m = mdl.adapters.num_teachers
         dummy = jnp.zeros((1, widths[0])), jnp.zeros((m, 1, widths[1]))
         params["adapters"] = mdl.adapters.init(a_rng, *dummy)["params"]
+    elif isinstance(mdl.adapters, models.CRDHeads):  # one head stack per feature class
+        ens = mdl.ensemble
+        stacks = tuple(
+            jnp.zeros((m, 1, models.feature_channels(ens.teachers[groups[0]])["pooled"]))
+            for m, groups in zip(
+                mdl.adapters.num_teachers, feature_classes(ens, ("pooled",)), strict=True
+            )
+        )
+        s_dummy = jnp.zeros((1, models.feature_channels(mdl.student)["pooled"]))
+        params["adapters"] = mdl.adapters.init(a_rng, s_dummy, stacks)["params"]
     elif mdl.adapters is not None:
         dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         _, feats = jax.eval_shape(
@@ -346,7 +420,8 @@ def ensemble_forward(
     layers: tuple[str, ...],
     teacher_map: str = "unroll",
     biased_layers: tuple[str, ...] = (),
-) -> tuple[jax.Array, dict[str, jax.Array], jax.Array, dict[str, jax.Array]]:
+    by_class: bool = False,
+) -> tuple[Any, ...]:
     """Inference-mode forwards of every teacher (each backbone once) and of the biased model.
 
     Args:
@@ -355,10 +430,16 @@ def ensemble_forward(
       images: [B, H, W, 3].
       layers: teacher feature layers to return.
       biased_layers: the biased model's feature layers to return (a subset of `layers`).
+      by_class: return the teachers' features per feature class (`feature_classes` of
+        `layers`), which teacher groups of different feature shapes need.
 
     Returns:
-      (teacher logits [M, B, C], {layer: [M, B, ...]}, biased logits [B, C],
-      {layer: [B, ...]} the biased model's features).
+      (teacher logits [M, B, C], teacher features, biased logits [B, C], {layer: [B, ...]}
+      the biased model's features). Teacher features: {layer: [M, B, ...]} (every group's
+      stacks concatenated in group order; refused when the groups' shapes differ), or with
+      `by_class` a tuple with, per class k, {layer: [M_k, B, ...]} its groups' stacks
+      concatenated in group order (teachers `class_teachers(ens, classes)[k]`; for one class
+      the same dict as without `by_class`).
     """
     shared = ens.biased_backbone is not None
     wanted = layers + (("pooled",) if shared and "pooled" not in layers else ())
@@ -381,7 +462,19 @@ def ensemble_forward(
     else:
         b_logits, b_feats = ens.biased.apply(frozen["biased"], images, train=False), {}
     t_logits = jnp.concatenate(logits, axis=0)
-    t_feats = {name: jnp.concatenate([f[name] for f in feats], axis=0) for name in layers}
+    classes = feature_classes(ens, layers)
+    if by_class:
+        t_feats = tuple(
+            {name: jnp.concatenate([feats[g][name] for g in groups], axis=0) for name in layers}
+            for groups in classes
+        )
+    elif len(classes) > 1:
+        raise ValueError(
+            f"teacher groups {classes} differ in feature shape on {list(layers)}: their features "
+            "cannot be stacked; pass by_class=True for one stack per feature class"
+        )
+    else:
+        t_feats = {name: jnp.concatenate([f[name] for f in feats], axis=0) for name in layers}
     return jax.lax.stop_gradient((t_logits, t_feats, b_logits, b_feats))
 
 
@@ -527,6 +620,14 @@ def distill_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One distillation update.
 
+    Loss, with w [B, M] the teacher weights (rows sum to 1, or 0 for dropped rows):
+    alpha * sum_i sum_t w_it kd(z_s^i, z_t^i) / B + (1 - alpha) * CE + L_feat, where for one
+    feature class L_feat = sum_l gamma_l * sum_i keep_i D_l(A_l(s_l^i), sum_t w_it f_t^l(x_i)) / B
+    (keep_i = sum_t w_it), and for several (teacher groups of different feature shapes)
+    L_feat = sum_k sum_l gamma_l * sum_i W_ik D_l(A_kl(s_l^i), target_ik^l) / B with
+    W_ik = sum_{t in k} w_it and target_ik the within-class renormalised average
+    (losses.class_feature_loss); with one class both are the same.
+
     Args:
       state: the TrainState (replicated under pmap).
       frozen: teachers and biased model, see `ensemble_forward`.
@@ -543,15 +644,20 @@ def distill_step(
     layers = cfg.feature_layers
     ens = mdl.ensemble
     # Named scopes label the step's parts in profiles (benchmarks/profile_step.py).
+    classes = feature_classes(ens, layers)
     with jax.named_scope("teachers"):
-        t_logits, t_feats, b_logits, b_feats = ensemble_forward(
+        t_logits, class_feats, b_logits, b_feats = ensemble_forward(
             ens,
             frozen,
             images,
             layers,
             teacher_map=cfg.teacher_map,
             biased_layers=layers if cfg.feature_agre else (),
+            by_class=True,
         )
+    # Every teacher's features when they form one feature class (create_models refuses
+    # feature_weighting 'agre' otherwise); per class below when there are several.
+    t_feats = class_feats[0] if len(classes) == 1 else None
     chex.assert_shape(t_logits, (ens.num_teachers, images.shape[0], mdl.student.num_classes))
 
     # Student forward in training mode. It returns the updated running statistics (torch's
@@ -625,14 +731,41 @@ def distill_step(
         aux.update({f"kd/{t}": v for t, v in enumerate(jnp.mean(kd, axis=1))})
         if layers and cfg.feature_loss == "crd":
             # Each teacher's normalised embedding, combined with the teacher weights.
-            s_emb, t_emb = mdl.adapters.apply(
-                {"params": adapter_params}, feats["pooled"], t_feats["pooled"]
-            )
-            target = jnp.einsum("bm,mbd->bd", weights, losses.l2_normalize(t_emb))
+            if t_feats is not None:
+                s_emb, t_emb = mdl.adapters.apply(
+                    {"params": adapter_params}, feats["pooled"], t_feats["pooled"]
+                )
+                target = jnp.einsum("bm,mbd->bd", weights, losses.l2_normalize(t_emb))
+            else:  # per-class heads: embeddings [M, B, d] in class order, weights reordered
+                s_emb, t_emb = mdl.adapters.apply(
+                    {"params": adapter_params},
+                    feats["pooled"],
+                    tuple(f["pooled"] for f in class_feats),
+                )
+                order = np.concatenate(class_teachers(ens, classes))
+                target = jnp.einsum("bm,mbd->bd", weights[:, order], losses.l2_normalize(t_emb))
             l_crd = losses.crd_loss(s_emb, target, cfg.crd_temperature, sample_weight=keep)
             l_feat = dict(cfg.gammas)["pooled"] * l_crd
             loss = loss + l_feat
             aux.update({"feat_loss": l_feat, "feat/pooled": l_crd})
+        elif layers and t_feats is None:  # several feature classes
+            student_feats = {k: feats[k] for k in layers}
+            if mdl.adapters is not None:  # ClassAdapters: the student at each class's widths
+                per_class = mdl.adapters.apply({"params": adapter_params}, student_feats)
+            else:  # attention transfer: width-free
+                per_class = (student_feats,) * len(classes)
+            l_feat, per_layer = losses.class_feature_loss(
+                per_class,
+                class_feats,
+                tuple(weights[:, idx] for idx in class_teachers(ens, classes)),
+                dict(cfg.gammas),
+                kind=cfg.feature_loss,
+                dropout_rate=cfg.feature_dropout,
+                rng=rng_dropout,
+            )
+            loss = loss + l_feat
+            aux["feat_loss"] = l_feat
+            aux.update({f"feat/{k}": v for k, v in per_layer.items()})
         elif layers:
             student_feats = {k: feats[k] for k in layers}
             if mdl.adapters is not None:

@@ -7,12 +7,14 @@
   mean squared error (FitNets-style, after the adapters) or attention transfer (Zagoruyko &
   Komodakis), optionally with feature-channel dropout; `feature_distance` is its per-sample
   distance of one layer.
+- `class_feature_loss`: the same loss against teachers of several feature classes (groups of
+  different feature shapes), each class with its own renormalised teacher-weighted target.
 - `crd_loss`: contrastive representation distillation (Tian et al. 2020), in-batch negatives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import chex
 import jax
@@ -161,6 +163,79 @@ def feature_loss(
         layer_loss = jnp.mean(d) if w is None else jnp.sum(d * w) / d.shape[0]
         per_layer[name] = layer_loss
         total = total + gamma * layer_loss
+    return total, per_layer
+
+
+def class_feature_loss(
+    student: Sequence[Mapping[str, jax.Array]],
+    teachers: Sequence[Mapping[str, jax.Array]],
+    weights: Sequence[jax.Array],
+    gammas: Mapping[str, float],
+    *,
+    kind: str = "mse",
+    dropout_rate: float = 0.0,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Multi-layer feature loss against K feature classes of teachers (groups of teachers
+    whose features differ in shape from the other classes').
+
+    Within class k the target is the class's per-sample teacher-weighted average, with the
+    weights renormalised within the class, and the class's loss is weighted by the class's
+    share of the teacher weights:
+
+        W_ik = sum_{t in k} w_it,   target_ik = sum_{t in k} w_it f_t(x_i) / W_ik,
+        L = sum_k sum_l gamma_l * sum_i W_ik D_l(s_ik, target_ik) / B,
+
+    with s_ik the student's features mapped to class k (its adapters). A sample with W_ik = 0
+    (no weight on class k; every class for a row dropped from distillation) has target 0 and
+    contributes 0 to class k. With one class whose weights sum to 1 (or 0 on dropped rows)
+    this is `feature_loss` against sum_t w_it f_t with sample weight sum_t w_it, the
+    single-class step's loss.
+
+    Args:
+      student: per class k, {layer: [B, H, W, C_k] or [B, C_k]} (for 'mse' already at the
+        class's widths; a larger map is average-pooled to the class's spatial size).
+      teachers: per class k, {layer: [M_k, B, ...]} its teachers' features.
+      weights: per class k, [B, M_k] the teacher weights of its teachers (the class's columns
+        of the [B, M] weights; constants).
+      gammas, kind, dropout_rate: as in `feature_loss`.
+      rng: the dropout key; class k draws its masks from fold_in(rng, k).
+
+    Returns:
+      (total, {layer: sum_k of the class's W-weighted D_l}) as float32 scalars.
+    """
+    if not len(student) == len(teachers) == len(weights):
+        raise ValueError(
+            f"one student map, teacher stack and weight matrix per class: got {len(student)}, "
+            f"{len(teachers)} and {len(weights)}"
+        )
+    total = jnp.zeros((), jnp.float32)
+    per_layer: dict[str, jax.Array] = {}
+    for k, (s, t, w) in enumerate(zip(student, teachers, weights, strict=True)):
+        chex.assert_rank(w, 2)
+        w = w.astype(jnp.float32)
+        mass = jnp.sum(w, axis=-1)  # W_ik [B]
+        safe = jnp.where(mass > 0, mass, 1.0)
+        targets = {}
+        for name, gamma in gammas.items():
+            if gamma == 0:
+                continue
+            x = t[name].astype(jnp.float32)
+            chex.assert_axis_dimension(x, 0, w.shape[1])
+            avg = jnp.einsum("bm,mb...->b...", w, x)
+            targets[name] = avg / safe.reshape((-1,) + (1,) * (avg.ndim - 1))
+        class_total, class_layers = feature_loss(
+            s,
+            targets,
+            gammas,
+            kind=kind,
+            dropout_rate=dropout_rate,
+            rng=None if rng is None else jax.random.fold_in(rng, k),
+            sample_weight=mass,
+        )
+        total = total + class_total
+        for name, v in class_layers.items():
+            per_layer[name] = per_layer.get(name, 0.0) + v
     return total, per_layer
 
 

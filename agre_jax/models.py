@@ -842,37 +842,80 @@ class FeatureAdapters(nn.Module):
         return out
 
 
+class ClassAdapters(nn.Module):
+    """One FeatureAdapters per feature class of an ensemble whose teacher groups differ in
+    feature shape (e.g. ResNet-50 and ResNet-18 teachers; see `distill.feature_classes`).
+
+    Class k's adapters map the student's features to that class's widths. The parameter tree
+    is {'class_k': the FeatureAdapters tree of class k}; a class at the student's widths on
+    every layer has no parameters and no key. (An ensemble of one feature class uses a plain
+    FeatureAdapters, whose tree has no 'class_k' level.)
+
+    Attributes:
+      student_channels: {layer: student width}.
+      teacher_channels: per class, {layer: that class's teacher width}.
+    """
+
+    student_channels: Mapping[str, int]
+    teacher_channels: tuple[Mapping[str, int], ...]
+
+    @nn.compact
+    def __call__(self, features: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
+        """{layer: [B, ..., Cs]} -> per class k, {layer: [B, ..., C_k]}."""
+        return tuple(
+            FeatureAdapters(self.student_channels, widths, name=f"class_{k}")(features)
+            for k, widths in enumerate(self.teacher_channels)
+        )
+
+
 class CRDHeads(nn.Module):
     """CRD's embedding heads (Tian et al. 2020, their `Embed`: a linear map to `embed_dim`;
     the loss normalises): one for the student's pooled features and one per teacher.
 
+    Parameters: 'student' (Dense Ds -> d) and, for one stack of M teachers of width Dt,
+    'teacher_kernel' [M, Dt, d] and 'teacher_bias' [M, d]. Teachers of different pooled widths
+    (feature classes, see `distill.feature_classes`) come as one stack per class k of M_k
+    teachers of width Dt_k, with heads 'teacher_kernel_k' [M_k, Dt_k, d] and
+    'teacher_bias_k' [M_k, d]; their embeddings share the space of dimension d.
+
     Attributes:
       embed_dim: d, the shared embedding width (CRD's feat_dim, 128).
-      num_teachers: M; each teacher has its own head (their feature spaces are not aligned).
+      num_teachers: M for one stack, or (M_0, M_1, ...) for one stack per feature class; each
+        teacher has its own head (their feature spaces are not aligned).
     """
 
     embed_dim: int
-    num_teachers: int
+    num_teachers: int | tuple[int, ...]
 
     @nn.compact
-    def __call__(self, student: jax.Array, teachers: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """[B, Ds] student and [M, B, Dt] teachers' pooled features -> ([B, d], [M, B, d])."""
-        chex.assert_rank([student, teachers], [2, 3])
+    def __call__(
+        self, student: jax.Array, teachers: jax.Array | Sequence[jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
+        """[B, Ds] student and [M, B, Dt] teachers' pooled features (or, per class k,
+        [M_k, B, Dt_k]) -> ([B, d], [M, B, d]) (per-class stacks concatenated in class order,
+        M = sum M_k)."""
+        per_class = isinstance(self.num_teachers, tuple)
+        stacks = tuple(teachers) if per_class else (teachers,)
+        sizes = self.num_teachers if per_class else (self.num_teachers,)
+        if len(stacks) != len(sizes):
+            raise ValueError(f"CRDHeads of {len(sizes)} teacher stacks got {len(stacks)}")
+        chex.assert_rank(student, 2)
+        chex.assert_rank(list(stacks), 3)
         s = nn.Dense(self.embed_dim, name="student")(student.astype(jnp.float32))
-        dt = teachers.shape[-1]
         init = nn.initializers.lecun_normal()
-        kernel = self.param(
-            "teacher_kernel",
-            lambda k, shape: jax.vmap(lambda kk: init(kk, shape[1:]))(
-                jax.random.split(k, shape[0])
-            ),
-            (self.num_teachers, dt, self.embed_dim),
-        )
-        bias = self.param(
-            "teacher_bias", nn.initializers.zeros, (self.num_teachers, self.embed_dim)
-        )
-        t = jnp.einsum("mbd,mde->mbe", teachers.astype(jnp.float32), kernel) + bias[:, None]
-        return s, t
+
+        def stacked_init(k, shape):
+            return jax.vmap(lambda kk: init(kk, shape[1:]))(jax.random.split(k, shape[0]))
+
+        out = []
+        for k, (x, m) in enumerate(zip(stacks, sizes, strict=True)):
+            suffix = f"_{k}" if per_class else ""
+            kernel = self.param(
+                "teacher_kernel" + suffix, stacked_init, (m, x.shape[-1], self.embed_dim)
+            )
+            bias = self.param("teacher_bias" + suffix, nn.initializers.zeros, (m, self.embed_dim))
+            out.append(jnp.einsum("mbd,mde->mbe", x.astype(jnp.float32), kernel) + bias[:, None])
+        return s, jnp.concatenate(out, axis=0) if per_class else out[0]
 
 
 def create_adapters(student: ResNet, teacher: ResNet, layers: Sequence[str]) -> FeatureAdapters:
@@ -881,4 +924,17 @@ def create_adapters(student: ResNet, teacher: ResNet, layers: Sequence[str]) -> 
     s, t = feature_channels(student), feature_channels(teacher)
     return FeatureAdapters(
         student_channels={k: s[k] for k in layers}, teacher_channels={k: t[k] for k in layers}
+    )
+
+
+def create_class_adapters(
+    student: ResNet, teachers: Sequence[ResNet], layers: Sequence[str]
+) -> ClassAdapters:
+    """Adapters from `student` to each feature class's widths, `teachers[k]` a model of
+    class k, for the given layers (gamma > 0 only)."""
+    layers = _check_layers(layers)
+    s = feature_channels(student)
+    return ClassAdapters(
+        student_channels={k: s[k] for k in layers},
+        teacher_channels=tuple({k: feature_channels(t)[k] for k in layers} for t in teachers),
     )
