@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -152,6 +152,57 @@ def num_teachers(config: ml_collections.ConfigDict) -> int:
     return len(t.checkpoints) if t.checkpoints else t.num
 
 
+def teacher_groups(config: ml_collections.ConfigDict) -> tuple[tuple[str, int], ...]:
+    """The trained teachers' architecture groups, ((arch, count), ...) in teacher order:
+    teachers.archs (one entry per teacher, each architecture's teachers listed together), or
+    ((teachers.arch, teachers.num),) when it is empty. Each group is trained stacked, as one
+    teacher stage (stages.teacher_group_config)."""
+    t = config.teachers
+    archs = tuple(t.get("archs", ())) or (t.arch,) * t.num
+    groups: list[tuple[str, int]] = []
+    for arch in archs:
+        if groups and groups[-1][0] == arch:
+            groups[-1] = (arch, groups[-1][1] + 1)
+        else:
+            groups.append((arch, 1))
+    return tuple(groups)
+
+
+def _archs_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """teachers.archs: known architectures, one per teacher, each architecture's together."""
+    t = config.teachers
+    archs = t.get("archs", ())
+    if not archs:
+        return []
+    if isinstance(archs, str) or not all(isinstance(a, str) for a in archs):
+        return [f"teachers.archs is {archs!r}; expected a tuple of architecture names"]
+    unknown = sorted({a for a in archs if a not in models.ARCHS})
+    if unknown:
+        return [f"teachers.archs has {unknown}; expected names among {models.ARCHS}"]
+    m = len(t.checkpoints) if t.checkpoints else t.num
+    if len(archs) != m:
+        what = "teachers.checkpoints" if t.checkpoints else "teachers.num"
+        return [
+            f"teachers.archs has {len(archs)} entries but {what} gives {m} teachers; expected "
+            "one architecture per teacher"
+        ]
+    seen = [arch for arch, _ in teacher_groups(config)]
+    if len(seen) != len(set(seen)):
+        return [
+            f"teachers.archs is {tuple(archs)}; expected each architecture's teachers listed "
+            "together (each group is trained stacked), e.g. "
+            f"{tuple(sorted(archs, key=seen.index))}"
+        ]
+    problems = []
+    if len(seen) > 1 and t.init_from:
+        problems.append(
+            f"teachers.init_from is {t.init_from!r} with teachers of several architectures "
+            f"{tuple(seen)}; expected one starting checkpoint per architecture: use the "
+            "pretrain stage (pretrain.enabled) or ported teachers.checkpoints"
+        )
+    return problems
+
+
 def debiased_count(config: ml_collections.ConfigDict) -> int:
     """How many of the M teachers use their DFR head."""
     m = num_teachers(config)
@@ -218,7 +269,7 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
     deep = config.baselines.deep_ensemble
     if not isinstance(deep, bool):
         problems.append(f"baselines.deep_ensemble is {deep!r}; expected True or False")
-    return problems + _pretrain_problems(config)
+    return problems + _archs_problems(config) + _pretrain_problems(config)
 
 
 def _pretrain_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -303,24 +354,36 @@ def validate(config: ml_collections.ConfigDict) -> Layout:
         raise ConfigError("invalid config: " + "; ".join(problems))
     compute_dtype, dcfg, _, run_layout = built
     # The models and adapters, with a placeholder class count (checked against the data later).
-    teacher = model(config.teachers, 2, compute_dtype)
     student = model(config.student, 2, compute_dtype)
     # A ported biased.checkpoint is checked once its files are read.
     biased = trained_biased_model(config, 2, compute_dtype) if config.biased.arch else None
     if not config.teachers.checkpoints:  # ported teachers are checked once their files are read
-        check_models(student, teacher, dcfg, biased)
+        check_models(student, teacher_models(config, 2, compute_dtype), dcfg, biased)
     return run_layout
 
 
+def teacher_models(
+    config: ml_collections.ConfigDict, num_classes: int, compute_dtype: Any
+) -> tuple[Any, ...]:
+    """One ResNet per trained teacher group (teacher_groups), teachers.width and stem."""
+    t = config.teachers
+    return tuple(
+        models.create(
+            arch, num_classes, width=t.width, small_input=t.small_input, dtype=compute_dtype
+        )
+        for arch, _ in teacher_groups(config)
+    )
+
+
 def check_models(
-    student: Any, teacher: Any, dcfg: distill.DistillConfig, biased: Any = None
+    student: Any, teachers: Sequence[Any], dcfg: distill.DistillConfig, biased: Any = None
 ) -> None:
-    """The student, adapters, teachers and (when separate) biased model fit together for the
-    configured feature layers; raises ConfigError."""
-    c = teacher.num_classes
+    """The student, adapters, teacher groups (one model each) and (when separate) biased
+    model fit together for the configured feature layers; raises ConfigError."""
+    c = teachers[0].num_classes
     ensemble = distill.Ensemble(
-        teachers=(teacher,),
-        group_sizes=(1,),
+        teachers=tuple(t.clone(num_classes=c) for t in teachers),
+        group_sizes=(1,) * len(teachers),
         biased=None if biased is None else biased.clone(num_classes=c),
         biased_backbone=(0, 0) if biased is None else None,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import shutil
 import time
@@ -281,10 +282,15 @@ def init_variables(
 
 def pretrain_roles(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
     """The networks a run starts from pretrained weights, by role: 'teachers' (unless they are
-    ported), 'student' and 'biased' (when biased.arch trains one), each {'arch', 'width',
-    'small_input'}."""
+    ported; 'teachers:<arch>' per architecture with teachers.archs of several), 'student' and
+    'biased' (when biased.arch trains one), each {'arch', 'width', 'small_input'}."""
     roles = ("student",) if config.teachers.checkpoints else ("teachers", "student")
     out = {r: {k: config[r][k] for k in ("arch", "width", "small_input")} for r in roles}
+    groups = settings.teacher_groups(config)
+    if not config.teachers.checkpoints and len(groups) > 1:
+        # Teachers of several architectures: one role per architecture, 'teachers:<arch>'.
+        t = out.pop("teachers")
+        out = {f"teachers:{arch}": {**t, "arch": arch} for arch, _ in groups} | out
     if config.biased.arch:  # a trained biased model (biased_config)
         t = config.teachers
         out["biased"] = {"arch": config.biased.arch, "width": t.width, "small_input": t.small_input}
@@ -432,11 +438,12 @@ def _read_variables(path: Path, compute_dtype: Any) -> Loaded:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Teachers:
-    """The M ERM teachers (one architecture, stacked by later stages).
+    """The M ERM teachers, in groups of one architecture each (stacked by later stages).
 
     Attributes:
-      model: their ResNet.
-      variables: M {'params', 'batch_stats'} trees (ERM heads).
+      models: one ResNet per group.
+      group_sizes: teachers per group, in teacher order (sum M).
+      variables: M {'params', 'batch_stats'} trees (ERM heads), group by group.
       members: per teacher, what it is: arch, width, source, digest (and val_wga, epoch when
         trained here).
       key: content key of the teachers (downstream stages key on it).
@@ -444,12 +451,29 @@ class Teachers:
       record: how this stage was obtained.
     """
 
-    model: models.ResNet
+    models: tuple[models.ResNet, ...]
+    group_sizes: tuple[int, ...]
     variables: list[dict[str, Any]]
     members: list[dict[str, Any]]
     key: str
     source: str
     record: StageRecord
+
+    def groups(self) -> list[tuple[models.ResNet, list[dict[str, Any]]]]:
+        """(model, its teachers' variables) per group."""
+        out, start = [], 0
+        for model, size in zip(self.models, self.group_sizes, strict=True):
+            out.append((model, self.variables[start : start + size]))
+            start += size
+        return out
+
+    def group_of(self, index: int) -> tuple[int, int]:
+        """Teacher `index` (0..M-1) as (group, index within the group)."""
+        for g, size in enumerate(self.group_sizes):
+            if index < size:
+                return g, index
+            index -= size
+        raise IndexError(f"teacher {index} of {sum(self.group_sizes)}")
 
 
 def read_ported_teachers(config: ml_collections.ConfigDict, data: Dataset) -> list[Loaded]:
@@ -464,18 +488,60 @@ def read_ported_teachers(config: ml_collections.ConfigDict, data: Dataset) -> li
                 f"teachers.checkpoints[{i}] ({t.path}) has {t.info['num_classes']} classes "
                 f"but the dataset has {data.num_classes}"
             )
-    archs = {json.dumps([t.info["arch"], t.info.get("model_options", {})]) for t in loaded}
-    if len(archs) != 1:
+    kinds = [_stack_kind(t) for t in loaded]
+    runs = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
+    if len(runs) != len(set(runs)):
         raise CheckpointError(
-            f"teachers.checkpoints must share one architecture to be stacked; got {sorted(archs)}"
+            "teachers.checkpoints of one architecture (and width, stem) must be listed together "
+            f"to be stacked; got, in order: {[json.loads(k) for k in kinds]}"
         )
-    if loaded[0].info["arch"] != config.teachers.arch:
+    got = tuple(t.info["arch"] for t in loaded)
+    archs = tuple(config.teachers.get("archs", ()))
+    if archs and archs != got:
         raise ConfigError(
-            f"teachers.checkpoints hold {loaded[0].info['arch']} weights but teachers.arch is "
-            f"{config.teachers.arch!r}; set --config.teachers.arch={loaded[0].info['arch']} "
-            "if that is intended"
+            f"teachers.checkpoints hold {got} weights but teachers.archs is {archs}; expected "
+            "the same architectures in the same order"
+        )
+    if not archs and len(set(got)) == 1 and got[0] != config.teachers.arch:
+        raise ConfigError(
+            f"teachers.checkpoints hold {got[0]} weights but teachers.arch is "
+            f"{config.teachers.arch!r}; set --config.teachers.arch={got[0]} if that is intended"
+        )
+    if not archs and len(set(got)) > 1:
+        raise ConfigError(
+            f"teachers.checkpoints hold several architectures {got}; set "
+            f'--config.teachers.archs="{got}" if that is intended'
         )
     return loaded
+
+
+def _stack_kind(t: Loaded) -> str:
+    """What teachers must share to be stacked in one group: architecture, width, stem."""
+    return json.dumps([t.info["arch"], t.info.get("model_options", {})], sort_keys=True)
+
+
+def group_models(ported: Sequence[Loaded]) -> tuple[models.ResNet, ...]:
+    """One model per group of consecutive ported teachers that can be stacked."""
+    return tuple(
+        t.model
+        for i, t in enumerate(ported)
+        if i == 0 or _stack_kind(t) != _stack_kind(ported[i - 1])
+    )
+
+
+def teacher_group_config(config: ml_collections.ConfigDict, g: int) -> ml_collections.ConfigDict:
+    """The config whose teachers are group `g` of settings.teacher_groups: its architecture
+    and count, seed teachers.seed + (teachers before it), so that teacher m keeps seed
+    teachers.seed + m; teachers.archs empty. With one group, the config itself up to
+    teachers.arch (same stage keys as without teachers.archs)."""
+    groups = settings.teacher_groups(config)
+    c = config.copy_and_resolve_references()
+    arch, num = groups[g]
+    c.teachers.arch, c.teachers.num = arch, num
+    c.teachers.seed = config.teachers.seed + sum(n for _, n in groups[:g])
+    if "archs" in c.teachers:
+        c.teachers.archs = ()
+    return c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,11 +554,14 @@ class Keys:
       dfr: the teachers' key, the DFR settings and the data.
       inputs: everything the student is distilled from (teachers, heads used, biased model)
         and where it starts (pretrained or ported weights).
+      groups: with teachers of several architectures, each group's teacher-stage key (the
+        teachers' key is made of them); empty otherwise.
     """
 
     teachers: str
     dfr: str
     inputs: str
+    groups: tuple[str, ...] = ()
 
 
 def stage_keys(
@@ -512,11 +581,28 @@ def stage_keys(
     starts from (pretrain_keys); `student_init` is a ported student.init_from checkpoint;
     `biased_stage` the teacher-stage key of a trained biased model (biased_config)."""
     pretrained = pretrained or {}
+    groups = settings.teacher_groups(config)
+    group_keys: tuple[str, ...] = ()
     if ported:
         teachers_key = wd.key_of([t.digest for t in ported])
+    elif len(groups) > 1:  # one teacher stage per architecture group
+        group_keys = tuple(
+            stage_keys(
+                teacher_group_config(config, g),
+                data,
+                pretrained=(
+                    {"teachers": pretrained[f"teachers:{arch}"]}
+                    if f"teachers:{arch}" in pretrained
+                    else {}
+                ),
+            ).teachers
+            for g, (arch, _) in enumerate(groups)
+        )
+        teachers_key = wd.key_of({"groups": list(group_keys)})
     else:
-        t = wd.config_dict(config)["teachers"]
-        for k in ("debiased", "map", "checkpoints", "init_from"):
+        # teachers.archs of one architecture is teachers.arch: the same stage.
+        t = wd.config_dict(teacher_group_config(config, 0))["teachers"]
+        for k in ("debiased", "map", "checkpoints", "init_from", "archs"):
             t.pop(k, None)
         what = {
             "data": data.key,
@@ -551,7 +637,7 @@ def stage_keys(
     elif student_init is not None:
         what["student_init"] = {"digest": student_init.digest}
     inputs = wd.key_of(what)
-    return Keys(teachers_key, dfr_key, inputs)
+    return Keys(teachers_key, dfr_key, inputs, group_keys)
 
 
 def teachers_stage(
@@ -562,8 +648,14 @@ def teachers_stage(
     *,
     ported: Sequence[Loaded] = (),
     init: Loaded | None = None,
+    group_keys: Sequence[str] = (),
+    backbones: Mapping[str, Loaded] | None = None,
 ) -> Teachers:
-    """The ERM teachers: the ported ones, or M trained here once per key (resumable)."""
+    """The ERM teachers: the ported ones, or M trained here once per key (resumable).
+
+    With teachers.archs of several architectures, each group is a teacher stage of its own
+    (teacher_group_config, keyed by `group_keys` = Keys.groups, started from
+    `backbones['teachers:<arch>']` when pretrained), combined in teacher order."""
     if ported:
         for t in ported:
             d = t.describe()
@@ -571,14 +663,41 @@ def teachers_stage(
                 f"[teachers] ported {d['arch']} (width {d['width']}, {d['num_classes']} "
                 f"classes) from {d['path']}, digest {d['digest']}"
             )
+        kinds = [_stack_kind(t) for t in ported]
+        sizes = [len(list(run)) for _, run in itertools.groupby(kinds)]
         return Teachers(
-            model=ported[0].model,
+            models=group_models(ported),
+            group_sizes=tuple(sizes),
             variables=[t.variables for t in ported],
             members=[{**t.describe(), "source": "ported"} for t in ported],
             key=key,
             source="ported",
             record=StageRecord(0.0, True, ""),
         )
+    groups = settings.teacher_groups(config)
+    if len(groups) > 1:
+        if len(group_keys) != len(groups):
+            raise ValueError(f"need one stage key per teacher group {groups}; got {group_keys}")
+        parts = []
+        for g, (arch, num) in enumerate(groups):
+            print(f"[teachers] group {g + 1}/{len(groups)}: {num} x {arch}")
+            sub = teacher_group_config(config, g)
+            b = (backbones or {}).get(f"teachers:{arch}")
+            parts.append(teachers_stage(sub, data, stage_dir, group_keys[g], init=b))
+        return Teachers(
+            models=tuple(p.models[0] for p in parts),
+            group_sizes=tuple(p.group_sizes[0] for p in parts),
+            variables=[v for p in parts for v in p.variables],
+            members=[m for p in parts for m in p.members],
+            key=key,
+            source="trained",
+            record=StageRecord(
+                round(sum(p.record.seconds for p in parts), 1),
+                all(p.record.reused for p in parts),
+                ", ".join(p.record.directory for p in parts),
+            ),
+        )
+    config = teacher_group_config(config, 0)  # teachers.archs of one architecture: its arch
     cfg = config.teachers
     model = settings.model(cfg, data.num_classes, data.dtype)
     directory = stage_dir / f"teachers-{key}"
@@ -633,7 +752,13 @@ def teachers_stage(
             }
         )
     return Teachers(
-        model, variables, members, key, "trained", StageRecord(seconds, reused, str(directory))
+        (model,),
+        (len(variables),),
+        variables,
+        members,
+        key,
+        "trained",
+        StageRecord(seconds, reused, str(directory)),
     )
 
 
@@ -648,6 +773,8 @@ def deep_ensemble_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     for k in ("arch", "width", "small_input", "init_from"):
         c.teachers[k] = config.student[k]
     c.teachers.checkpoints = ()
+    if "archs" in c.teachers:
+        c.teachers.archs = ()
     return c
 
 
@@ -662,6 +789,8 @@ def biased_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.teachers.seed = config.teachers.seed + config.teachers.num
     c.teachers.checkpoints = ()
     c.teachers.init_from = ""
+    if "archs" in c.teachers:
+        c.teachers.archs = ()
     return c
 
 
@@ -671,13 +800,13 @@ def trained_biased(t: Teachers) -> Loaded:
     member = t.members[0]
     info = {
         "arch": member["arch"],
-        "num_classes": t.model.num_classes,
+        "num_classes": t.models[0].num_classes,
         "model_options": {"width": member["width"], "small_input": member["small_input"]},
         "source": "trained",
         "val_wga": member.get("val_wga"),
         "epoch": member.get("epoch"),
     }
-    return Loaded(member["path"], t.model, variables, info, checkpoints.digest(variables))
+    return Loaded(member["path"], t.models[0], variables, info, checkpoints.digest(variables))
 
 
 def _graft(fresh: dict, loaded: dict, path: str) -> dict:
@@ -730,13 +859,16 @@ def dfr_stage(
         record = StageRecord(done.get("seconds", 0.0), True, str(directory))
         return DFRHeads(heads, done["info"], key, directory, record)
     start = time.time()
-    heads, infos = teachers.fit_dfr_heads(
-        cfg=dfr_cfg,
-        model=t.model,
-        teacher_variables=t.variables,
-        data=data,
-        how=config.teachers.map,
-    )
+    heads, infos = [], []
+    for model, variables in t.groups():  # (teacher order: group by group)
+        h, i = teachers.fit_dfr_heads(
+            cfg=dfr_cfg,
+            model=model,
+            teacher_variables=variables,
+            data=data,
+            how=config.teachers.map,
+        )
+        heads, infos = heads + list(h), infos + list(i)
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for i, h in enumerate(heads):
@@ -796,15 +928,23 @@ def build_ensemble(
         for v, h, kind in zip(t.variables, heads.heads, kinds, strict=True)
     ]
     if biased is not None:
-        ens = distill.Ensemble(teachers=(t.model,), group_sizes=(m,), biased=biased.model)
+        ens = distill.Ensemble(teachers=t.models, group_sizes=t.group_sizes, biased=biased.model)
         frozen_biased = biased.variables
         biased_info = {"source": biased.info.get("source", "ported"), **biased.describe()}
     else:
         index = config.biased.index
-        ens = distill.Ensemble(teachers=(t.model,), group_sizes=(m,), biased_backbone=(0, index))
+        ens = distill.Ensemble(
+            teachers=t.models, group_sizes=t.group_sizes, biased_backbone=t.group_of(index)
+        )
         frozen_biased = jax.tree.map(jnp.asarray, t.variables[index]["params"]["fc"])
         biased_info = {"source": f"ERM teacher {index}"}
-    frozen = {"teachers": (distill.stack_variables(used),), "biased": frozen_biased}
+    starts = np.cumsum((0, *t.group_sizes))
+    frozen = {
+        "teachers": tuple(
+            distill.stack_variables(used[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)
+        ),
+        "biased": frozen_biased,
+    }
     return Ensemble(ens, frozen, kinds, biased_info, key)
 
 
@@ -1027,27 +1167,34 @@ def teacher_test_logits(data: Dataset, t: Teachers, heads: DFRHeads) -> dict[str
     path = heads.directory / "test_logits.npz"
     if path.exists():
         return dict(np.load(path))
-    model = t.model
-    kernel = jnp.stack([jnp.asarray(h["kernel"]) for h in heads.heads])  # [M, D, C]
-    bias = jnp.stack([jnp.asarray(h["bias"]) for h in heads.heads])  # [M, C]
+    parts, start = [], 0
+    for model, variables in t.groups():
+        h = heads.heads[start : start + len(variables)]
+        start += len(variables)
+        kernel = jnp.stack([jnp.asarray(x["kernel"]) for x in h])  # [M_g, D_g, C]
+        bias = jnp.stack([jnp.asarray(x["bias"]) for x in h])  # [M_g, C]
+        parts.append((model, distill.stack_variables(variables), kernel, bias))
 
     @jax.jit
     def both_heads(stacked, images):
         # One backbone forward for both: the DFR head sees the same pooled features as `fc`.
-        def one(v):
-            logits, feats = models.apply_with_features(model, v, images, layers=("pooled",))
-            return logits, feats["pooled"]
+        out = []
+        for (model, _, kernel, bias), group in zip(parts, stacked, strict=True):
 
-        erm, pooled = models.map_stacked(one, stacked, "unroll")  # [M, B, C], [M, B, D]
-        dt = model.dtype  # as flax's Dense computes `fc`
-        dfr = jnp.einsum("mbd,mdc->mbc", pooled.astype(dt), kernel.astype(dt)) + bias[
-            :, None
-        ].astype(dt)
-        return jnp.concatenate([erm, dfr.astype(jnp.float32)], axis=-1)
+            def one(v, model=model):
+                logits, feats = models.apply_with_features(model, v, images, layers=("pooled",))
+                return logits, feats["pooled"]
+
+            erm, pooled = models.map_stacked(one, group, "unroll")  # [M_g, B, C], [M_g, B, D_g]
+            dt = model.dtype  # as flax's Dense computes `fc`
+            dfr = jnp.einsum("mbd,mdc->mbc", pooled.astype(dt), kernel.astype(dt)) + bias[
+                :, None
+            ].astype(dt)
+            out.append(jnp.concatenate([erm, dfr.astype(jnp.float32)], axis=-1))
+        return jnp.concatenate(out, axis=0)
 
     got = evaluation.collect(
-        functools.partial(both_heads, distill.stack_variables(t.variables)),
-        data.eval_batches("test"),
+        functools.partial(both_heads, tuple(p[1] for p in parts)), data.eval_batches("test")
     )
     c = data.num_classes
     out = {

@@ -71,13 +71,18 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
     biased = _optional(config.biased.checkpoint, "biased.checkpoint", data)
     pretrain_keys = stages.pretrain_keys(config, pdata) if pdata else {}
     if ported or biased is not None:  # settings.validate checked the other cases
-        teacher = ported[0].model if ported else settings.model(config.teachers, 2, data.dtype)
+        groups = (
+            stages.group_models(ported)
+            if ported
+            else settings.teacher_models(config, 2, data.dtype)
+        )
+        c = groups[0].num_classes
         b_model = None if biased is None else biased.model
         if config.biased.arch:  # trained by its stage at the configured teachers' width
-            b_model = settings.trained_biased_model(config, teacher.num_classes, data.dtype)
+            b_model = settings.trained_biased_model(config, c, data.dtype)
         settings.check_models(
-            settings.model(config.student, teacher.num_classes, data.dtype),
-            teacher,
+            settings.model(config.student, c, data.dtype),
+            groups,
             settings.distill_config(config),
             b_model,
         )
@@ -119,7 +124,14 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         t_init = pretrained.backbones.get("teachers")
         s_init = de_init = pretrained.backbones["student"]
     teachers = stages.teachers_stage(
-        config, data, stage_dir, keys.teachers, ported=ported, init=t_init
+        config,
+        data,
+        stage_dir,
+        keys.teachers,
+        ported=ported,
+        init=t_init,
+        group_keys=keys.groups,
+        backbones=pretrained.backbones if pretrained else None,
     )
     # DFR heads are fitted even when no teacher uses them: the report shows the DFR teachers.
     heads = stages.dfr_stage(config, data, teachers, stage_dir, keys.dfr)

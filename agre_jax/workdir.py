@@ -85,6 +85,7 @@ ADDED_KEYS: dict[str, Any] = {
     "distill.crd_temperature": 0.07,
     "biased.arch": "",
     "distill.feature_weighting": "shared",
+    "teachers.archs": [],  # (config_dict lists tuples)
 }
 
 

@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teachers.width = 64
     c.teachers.small_input = False
     c.teachers.num = 5  # M
+    # One architecture per teacher, each architecture's teachers together, e.g. ('resnet50',
+    # 'resnet50', 'resnet18'); () = teachers.arch for all. Each group is a stacked teacher stage.
+    c.teachers.archs = ()
     c.teachers.seed = 0  # teacher m uses seed + m (init, data order); also seeds DFR's halves
     c.teachers.checkpoints = ()  # dirs written by `python -m convert`: replaces ERM training
     c.teachers.init_from = ""  # ported ImageNet backbone (convert --drop-head) for ERM training

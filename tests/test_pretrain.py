@@ -96,6 +96,17 @@ def test_downstream_keys_follow_the_pretrained_network(trained):
     other = stages.stage_keys(config, data, pretrained={k: "other" for k in keys})
     assert len({with_pretrain.teachers, without.teachers, other.teachers}) == 3
     assert len({with_pretrain.inputs, without.inputs, other.inputs}) == 3
+    # Teachers of two architectures: one pretrained network per architecture, shared with
+    # the student's where it is the same; each group's stage key follows its own network.
+    mixed = config.copy_and_resolve_references()
+    mixed.teachers.archs = ("resnet18", "resnet34")
+    roles = stages.pretrain_keys(mixed, pdata)
+    assert set(roles) == {"teachers:resnet18", "teachers:resnet34", "student"}
+    assert roles["teachers:resnet18"] == roles["student"] == keys["teachers"]
+    assert roles["teachers:resnet34"] != keys["teachers"]
+    groups = stages.stage_keys(mixed, data, pretrained=roles).groups
+    moved = stages.stage_keys(mixed, data, pretrained={**roles, "teachers:resnet34": "x"}).groups
+    assert groups[0] == moved[0] and groups[1] != moved[1]
 
 
 def test_graft_keeps_the_backbone_and_starts_fresh_heads(trained):

@@ -142,3 +142,34 @@ def test_onehot_and_self_distill_configs():
             c.teachers.width,
             c.teachers.small_input,
         )
+
+
+@pytest.mark.parametrize(
+    "archs, extra, message",
+    [
+        (("resnet18", "resnet99"), {}, "teachers.archs has ['resnet99']"),
+        (("resnet18",), {}, "1 entries but teachers.num gives 2"),
+        (("resnet18", "resnet34", "resnet18"), {"num": 3}, "listed together"),
+        (("resnet18", "resnet34"), {"init_from": "/ported/r18"}, "one starting checkpoint"),
+    ],
+)
+def test_teacher_archs_are_checked(archs, extra, message):
+    config = tiny.get_config()
+    config.teachers.archs = archs
+    config.teachers.update(extra)
+    with pytest.raises(errors.ConfigError, match="invalid config") as e:
+        settings.validate(config)
+    assert message in str(e.value)
+
+
+def test_teacher_groups():
+    config = tiny.get_config()
+    assert settings.teacher_groups(config) == (("resnet18", 2),)
+    config.teachers.num = 3
+    config.teachers.archs = ("resnet50", "resnet50", "resnet18")
+    assert settings.teacher_groups(config) == (("resnet50", 2), ("resnet18", 1))
+    settings.validate(config)  # tiny's features (layer3, pooled): adapters per group
+    assert [m.num_classes for m in settings.teacher_models(config, 3, "float32")] == [3, 3]
+    config.distill.feature_weighting = "agre"  # one set of adapters: not across two widths
+    with pytest.raises(errors.ConfigError, match="student and teachers do not fit together"):
+        settings.validate(config)
