@@ -187,6 +187,9 @@ def _archs_problems(config: ml_collections.ConfigDict) -> list[str]:
             "one architecture per teacher"
         ]
     seen = [arch for arch, _ in teacher_groups(config)]
+    if t.checkpoints:
+        # Ported: grouped by architecture, width and stem once read (read_ported_teachers).
+        return []
     if len(seen) != len(set(seen)):
         return [
             f"teachers.archs is {tuple(archs)}; expected each architecture's teachers listed "

@@ -291,6 +291,8 @@ def pretrain_roles(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
         # Teachers of several architectures: one role per architecture, 'teachers:<arch>'.
         t = out.pop("teachers")
         out = {f"teachers:{arch}": {**t, "arch": arch} for arch, _ in groups} | out
+    elif not config.teachers.checkpoints:  # teachers.archs of one architecture: that one
+        out["teachers"]["arch"] = groups[0][0]
     if config.biased.arch:  # a trained biased model (biased_config)
         t = config.teachers
         out["biased"] = {"arch": config.biased.arch, "width": t.width, "small_input": t.small_input}
@@ -493,7 +495,8 @@ def read_ported_teachers(config: ml_collections.ConfigDict, data: Dataset) -> li
     if len(runs) != len(set(runs)):
         raise CheckpointError(
             "teachers.checkpoints of one architecture (and width, stem) must be listed together "
-            f"to be stacked; got, in order: {[json.loads(k) for k in kinds]}"
+            f"to be stacked; got, in order: {[json.loads(k) for k in kinds]}: reorder "
+            "teachers.checkpoints (and teachers.archs with them)"
         )
     got = tuple(t.info["arch"] for t in loaded)
     archs = tuple(config.teachers.get("archs", ()))

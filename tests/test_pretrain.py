@@ -107,6 +107,8 @@ def test_downstream_keys_follow_the_pretrained_network(trained):
     groups = stages.stage_keys(mixed, data, pretrained=roles).groups
     moved = stages.stage_keys(mixed, data, pretrained={**roles, "teachers:resnet34": "x"}).groups
     assert groups[0] == moved[0] and groups[1] != moved[1]
+    mixed.teachers.archs = ("resnet34", "resnet34")  # one architecture: it, not teachers.arch
+    assert stages.pretrain_roles(mixed)["teachers"]["arch"] == "resnet34"
 
 
 def test_graft_keeps_the_backbone_and_starts_fresh_heads(trained):

@@ -170,6 +170,10 @@ def test_teacher_groups():
     assert settings.teacher_groups(config) == (("resnet50", 2), ("resnet18", 1))
     settings.validate(config)  # tiny's features (layer3, pooled): adapters per group
     assert [m.num_classes for m in settings.teacher_models(config, 3, "float32")] == [3, 3]
+    ported = tiny.get_config()  # ported: grouped by architecture, width and stem once read
+    ported.teachers.checkpoints = ("/r18_w4", "/r50", "/r18_w8")
+    ported.teachers.archs = ("resnet18", "resnet50", "resnet18")
+    settings.validate(ported)
     config.distill.feature_weighting = "agre"  # one set of adapters: not across two widths
     with pytest.raises(errors.ConfigError, match="student and teachers do not fit together"):
         settings.validate(config)

@@ -161,48 +161,48 @@ def test_deep_ensemble_and_trained_biased_model(run, tmp_path, capsys):
     assert with_biased.teachers == keys.teachers and with_biased.inputs != keys.inputs
 
 
-def test_teachers_of_two_architectures(tmp_path, capsys):
-    """teachers.archs = (resnet18, resnet50): each architecture a teacher stage of its own
-    (the ResNet-18 one keyed as a one-teacher ResNet-18 config), DFR heads of both widths,
-    test rows in teacher order, and feature distillation with adapters per group. The two
-    networks then as ported checkpoints: read in groups, refused out of order."""
+def test_teachers_of_two_architectures(run, capsys, tmp_path):
+    """teachers.archs = (resnet18, resnet18, resnet50): each architecture a teacher stage of
+    its own (the ResNet-18 pair is the plain two-teacher config's stage: the fixture's,
+    reused), DFR heads of both widths, test rows in teacher order, and feature distillation
+    with adapters per group. The networks then as ported checkpoints: read in groups, refused
+    out of order."""
     import jax
     import numpy as np
 
     from agre_jax import settings
 
+    work, _ = run
     config = small_config()
-    config.teachers.epochs = 1
-    config.teachers.archs = ("resnet18", "resnet50")
+    config.stage_dir = str(work / "stages")
+    config.teachers.num = 3
+    config.teachers.archs = ("resnet18", "resnet18", "resnet50")
     report = train.train_and_evaluate(config, tmp_path / "w")
     out = capsys.readouterr().out
-    assert "[teachers] group 1/2: 1 x resnet18" in out and "group 2/2: 1 x resnet50" in out
+    assert "[teachers] group 1/2: 2 x resnet18\n[teachers] reusing" in out
+    assert "[teachers] group 2/2: 1 x resnet50" in out
     members = report["models"]["teachers"]
-    assert [m["arch"] for m in members] == ["resnet18", "resnet50"]
+    assert [m["arch"] for m in members] == ["resnet18", "resnet18", "resnet50"]
     data = stages.load_data(config)
     keys = stages.stage_keys(config, data)
+    assert keys.groups[0] == stages.stage_keys(small_config(), data).teachers
     single = small_config()
-    single.teachers.epochs, single.teachers.num = 1, 1
-    assert keys.groups[0] == stages.stage_keys(single, data).teachers
-    single.teachers.arch, single.teachers.seed = "resnet50", 1  # teacher m: seed + m
-    assert keys.groups[1] == stages.stage_keys(single, data).teachers
-    same = small_config()  # one architecture listed per teacher: the plain config's stages
-    same.teachers.archs = ("resnet18", "resnet18")
-    assert stages.stage_keys(same, data) == stages.stage_keys(small_config(), data)
-    # Each teacher's test row, recomputed from its own checkpoint (ERM and DFR heads).
+    single.teachers.arch, single.teachers.num, single.teachers.seed = "resnet50", 1, 2
+    assert keys.groups[1] == stages.stage_keys(single, data).teachers  # teacher m: seed + m
+    # Each group's last teacher's test row, recomputed from its own checkpoint.
     heads = np.load(Path(report["stages"]["dfr"]["directory"]) / "heads.npz")
-    assert [heads[f"kernel_{i}"].shape[0] for i in range(2)] == [32, 128]  # pooled widths
+    assert [heads[f"kernel_{i}"].shape[0] for i in range(3)] == [32, 32, 128]  # pooled widths
     paths = [m["path"] for m in members]
-    for i, path in enumerate(paths):
-        loaded = stages.load_checkpoint(path, "t", data.image_size, data.dtype)
+    for i in (1, 2):
+        loaded = stages.load_checkpoint(paths[i], "t", data.image_size, data.dtype)
         erm = data.evaluate(
             jax.jit(lambda x, ld=loaded: ld.model.apply(ld.variables, x, train=False)), "test"
         )
         assert erm["wga"] == report["test"][f"ERM teacher {i}"]["wga"]
         assert erm["avg_acc"] == report["test"][f"ERM teacher {i}"]["avg_acc"]
-    # Ported: the same two networks.
+    # Ported: two of the same networks.
     config = small_config()
-    config.teachers.checkpoints = tuple(paths)
+    config.teachers.checkpoints = (paths[1], paths[2])
     with pytest.raises(errors.ConfigError, match="several architectures"):
         stages.read_ported_teachers(config, data)
     config.teachers.archs = ("resnet50", "resnet18")
@@ -214,7 +214,7 @@ def test_teachers_of_two_architectures(tmp_path, capsys):
     assert t.group_sizes == (1, 1) and [m.block_cls for m in t.models] == [
         m.block_cls for m in settings.teacher_models(config, 2, data.dtype)
     ]
-    config.teachers.checkpoints = (paths[0], paths[1], paths[0])
+    config.teachers.checkpoints = (paths[1], paths[2], paths[1])
     config.teachers.archs = ()
     with pytest.raises(errors.CheckpointError, match="listed together"):
         stages.read_ported_teachers(config, data)
