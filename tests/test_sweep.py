@@ -18,7 +18,7 @@ import ml_collections
 import pytest
 from inprocess import run_main
 
-from agre_jax import errors, report, stages, sweep, sweep_runner, train, workdir
+from agre_jax import errors, report, settings, stages, sweep, sweep_runner, train, workdir
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -549,7 +549,8 @@ def test_sweep_configs_plan_on_every_preset(tmp_path, name, preset):
     }
     data = types.SimpleNamespace(key="the-data")
     keys = {(k.teachers, k.dfr) for k in (stages.stage_keys(r.config, data) for r in runs)}
-    assert len(keys) == len({r.config.teachers.num for r in runs})
+    ensembles = {(r.config.teachers.num, settings.teacher_groups(r.config)) for r in runs}
+    assert len(keys) == len(ensembles)  # (configs/sweeps/teacher_archs.py: one per ensemble)
 
 
 class FakeTrainer:
