@@ -359,7 +359,15 @@ def _stage_identity(results: Mapping[str, Any], stage: str) -> str:
 def _stage_parts(results: Mapping[str, Any], stage: str) -> list[tuple[str, tuple[float, bool]]]:
     """[(identity, (seconds, reused))] of a shared stage in one run: one per pretrained network
     when results.json lists their own seconds (a run may pretrain several, shared with other
-    runs one by one), else the stage's record."""
+    runs one by one), one per part when its record has parts (the teacher stage of each
+    architecture group), else the stage's record."""
+    parts = _get(results, "stages", stage, "parts")
+    if isinstance(parts, list) and parts:
+        return [
+            (str(p.get("directory", "")), (float(p["seconds"]), bool(p.get("reused"))))
+            for p in parts
+            if isinstance(p, Mapping) and _is_number(p.get("seconds"))
+        ]
     members = results.get("pretrain") if stage == "pretrain" else None
     if isinstance(members, Mapping) and members:
         parts = {

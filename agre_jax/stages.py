@@ -44,11 +44,13 @@ PRETRAIN_DATASET = "pretrain_shapes"  # the pretraining task (agre_jax/data/pret
 @dataclasses.dataclass(frozen=True)
 class StageRecord:
     """How a stage's result was obtained: its wall time when computed (seconds), whether this
-    run reused it, and where it lives."""
+    run reused it, and where it lives; `parts`: the stages it is made of, when several (the
+    teacher stage of each architecture group), each shared with other runs on its own."""
 
     seconds: float
     reused: bool
     directory: str = ""
+    parts: tuple[StageRecord, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -698,6 +700,7 @@ def teachers_stage(
                 round(sum(p.record.seconds for p in parts), 1),
                 all(p.record.reused for p in parts),
                 ", ".join(p.record.directory for p in parts),
+                tuple(p.record for p in parts),
             ),
         )
     config = teacher_group_config(config, 0)  # teachers.archs of one architecture: its arch

@@ -202,6 +202,14 @@ def _deep_record(deep, de_keys: stages.Keys, keys: stages.Keys) -> stages.StageR
     )
 
 
+def _stage_record(r: stages.StageRecord) -> dict[str, Any]:
+    """A stage's record in results.json (with its parts' own records when it has parts)."""
+    out = {"seconds": r.seconds, "reused": r.reused, "directory": r.directory}
+    if r.parts:
+        out["parts"] = [_stage_record(p) for p in r.parts]
+    return out
+
+
 def _optional(path: str, key: str, data: stages.Dataset) -> stages.Loaded | None:
     return stages.load_checkpoint(path, key, data.image_size, data.dtype) if path else None
 
@@ -240,10 +248,7 @@ def write_report(
         "distill_weights": stages.mean_teacher_weights(run_dir / "distill"),
         "test": results,
         "seconds": seconds,
-        "stages": {
-            name: {"seconds": r.seconds, "reused": r.reused, "directory": r.directory}
-            for name, r in records.items()
-        },
+        "stages": {name: _stage_record(r) for name, r in records.items()},
         "wall_seconds": round(time.time() - start, 1),
         "seed": config.seed,
         "config": wd.config_dict(config),

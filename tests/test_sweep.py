@@ -357,6 +357,28 @@ def test_costs_count_each_pretrained_network_once(tmp_path):
     assert agg["shared_seconds"]["pretrain"] == {"seconds": 150.0, "stages": 2, "earlier": 0}
 
 
+def test_costs_count_each_teacher_group_stage_once(tmp_path):
+    """teachers.archs: variant a's teachers are groups A + B, b's are A + C (A shared, computed
+    by a): each group's stage is counted once, not per combination."""
+
+    def results_of(v, seed):
+        first = seed == 0
+        a = {"seconds": 100.0, "reused": not (first and v == "a"), "directory": "A"}
+        other = {"seconds": 50.0 if v == "a" else 70.0, "reused": not first}
+        other["directory"] = "B" if v == "a" else "C"
+        times = stage_times(1.0, 0.0, 15.0, 40.0, 5.0, reused=("dfr",))
+        times["teachers"] = {
+            "seconds": a["seconds"] + other["seconds"],
+            "reused": a["reused"] and other["reused"],
+            "directory": f"A, {other['directory']}",
+            "parts": [a, other],
+        }
+        return fake_results(seed, 0.8, stages=times)
+
+    agg = cost_sweep(tmp_path, results_of)
+    assert agg["shared_seconds"]["teachers"] == {"seconds": 220.0, "stages": 3, "earlier": 0}
+
+
 def test_costs_of_stages_computed_before_every_run_and_of_two_teacher_stages(tmp_path):
     """Variant b names other teachers than a: two teacher (and DFR) stages, each counted once
     (told apart by the stage's 'directory' when recorded, else by the teachers' source).

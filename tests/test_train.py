@@ -181,6 +181,8 @@ def test_teachers_of_two_architectures(run, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "[teachers] group 1/2: 2 x resnet18\n[teachers] reusing" in out
     assert "[teachers] group 2/2: 1 x resnet50" in out
+    parts = report["stages"]["teachers"]["parts"]  # each group's stage, for sweep costs
+    assert [p["reused"] for p in parts] == [True, False]
     members = report["models"]["teachers"]
     assert [m["arch"] for m in members] == ["resnet18", "resnet18", "resnet50"]
     data = stages.load_data(config)
