@@ -16,10 +16,10 @@ from agre_jax import distill, losses, models, optim, weighting
 SIZE, B, M = 8, 8, 3
 
 
-def tiny(num_classes, width):
+def tiny(num_classes, width, block_cls=models.BasicBlock):
     return models.ResNet(
         stage_sizes=(1, 1, 1, 1),
-        block_cls=models.BasicBlock,
+        block_cls=block_cls,
         num_classes=num_classes,
         width=width,
         small_input=True,
@@ -322,16 +322,6 @@ MIXED_GAMMAS = {
 }
 
 
-def tiny_bottleneck(num_classes, width):
-    return models.ResNet(
-        stage_sizes=(1, 1, 1, 1),
-        block_cls=models.Bottleneck,
-        num_classes=num_classes,
-        width=width,
-        small_input=True,
-    )
-
-
 def random_variables(model, seed):
     """He-normal kernels, BatchNorm affine and statistics away from their initial values,
     filled in numpy on `init`'s shapes (no initialisation to compile)."""
@@ -356,7 +346,7 @@ def mixed_teachers():
     """(per-teacher (model, variables) in teacher order, ensemble, frozen pytree); two classes
     of labels, the biased head on teacher 1's backbone."""
     basic, t_vars, head = teacher_variables(2)
-    bottleneck = tiny_bottleneck(2, 4)
+    bottleneck = tiny(2, 4, models.Bottleneck)
     b_vars = random_variables(bottleneck, 11)
     ens = distill.Ensemble(
         teachers=(basic, bottleneck, basic), group_sizes=(2, 1, 1), biased_backbone=(0, 1)
