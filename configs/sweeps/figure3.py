@@ -21,7 +21,8 @@ def get_config(arg=None):
     variants = [
         sweep.variant(
             f"{weighting}_d{d}",
-            {"distill.weighting": weighting, "teachers.debiased": d},
+            # all debiased is the default (-1), so those runs are the main config's
+            {"distill.weighting": weighting, "teachers.debiased": -1 if d == NUM_TEACHERS else d},
             method=method,
             debiased=d,
         )
