@@ -125,12 +125,22 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    from agre_jax import errors, loop, sweep_runner, train
+    from agre_jax import distributed, errors, loop, sweep_runner, train
 
     config = flag_values.config
     source = getattr(flag_values["config"], "config_filename", "") or ""
     run_dir = flag_values.workdir or f"runs/{_config_name(source)}"
     try:
+        # Before anything touches a device: join the other processes of a multi-process run.
+        spec = distributed.spec(config)
+        if spec is not None and "sweep" in config:
+            raise errors.ConfigError(
+                "a sweep runs each of its runs as one job; launch the sweep as one process "
+                "(distributed.num_processes 0 or 1) and spread its runs with sweep.launcher"
+            )
+        distributed.initialize(spec)
+        if not distributed.is_primary():  # process 0 prints for the run
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         if "sweep" in config:
             return sweep_runner.run_sweep(config, run_dir, flag_values.overwrite, source)[
                 "exit_code"
@@ -139,7 +149,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except loop.NonFiniteLossError as e:
+    except (loop.NonFiniteLossError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from agre_jax import distributed
+
 COLLECTIONS = ("params", "batch_stats")
 VARIABLES = "variables"
 PROVENANCE = "provenance.json"
@@ -67,6 +69,8 @@ def save_variables(
       FileExistsError: `directory` exists and is not empty, and not `force`.
       ValueError: `variables` lacks a collection or has others; `metadata` is not JSON.
     """
+    if not distributed.is_primary():  # a multi-process run: process 0 writes for all
+        return
     directory = Path(directory).absolute()
     if not force and _is_nonempty(directory):
         raise FileExistsError(
@@ -83,7 +87,9 @@ def save_variables(
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     old = None
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(
+            multiprocessing_options=distributed.orbax_options()
+        ) as checkpointer:
             checkpointer.save(tmp / VARIABLES, tree)
         with open(tmp / PROVENANCE, "w") as f:
             f.write(provenance + "\n")
@@ -134,7 +140,9 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     if not isinstance(metadata, dict):
         raise ValueError(f"{directory / PROVENANCE} holds a {type(metadata).__name__}, not a dict")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(
+            multiprocessing_options=distributed.orbax_options()
+        ) as checkpointer:
             tree = checkpointer.restore(directory / VARIABLES)
     except Exception as e:
         raise ValueError(

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agre_jax import distributed
+
 SELECTION_RULE = "val_wga, then val_avg"  # in the teacher stage's key
 SELECTION = (
     "selected by worst-group accuracy on the validation split (ties: the validation average)"
@@ -82,28 +84,47 @@ def improves(wga: Any, avg: Any, best_wga: Any, best_avg: Any) -> jax.Array:
 
 
 def collect(
-    fn: Callable[[jax.Array], jax.Array], batches: Iterable[Mapping[str, Any]]
+    fn: Callable[[jax.Array], jax.Array],
+    batches: Iterable[Mapping[str, Any]],
+    all_processes: bool = False,
 ) -> dict[str, np.ndarray]:
     """Runs `fn(images) -> [..., B, K]` (logits or features) over evaluation batches and keeps
     the real (mask == 1) examples. Works for [B, ...] and pmap [D, B/D, ...] batches alike; a
     leading model axis of the outputs (e.g. [M, B, K] for stacked teachers) is kept.
 
+    With `all_processes`, `batches` are this process's share of a multi-process evaluation
+    (`Dataset.sharded`): the outputs of every process are gathered (distributed.allgather),
+    so that every process returns every example once, process by process.
+
     Returns:
       {'output': [..., N, K], 'label': [N], 'group': [N]}.
     """
-    logits, labels, groups = [], [], []
+    logits, labels, groups, masks = [], [], [], []
     for batch in batches:
         out = np.asarray(fn(batch["image"]))
         mask = np.asarray(batch["mask"]).reshape(-1) > 0
         lead = out.shape[: out.ndim - np.asarray(batch["mask"]).ndim - 1]
-        out = out.reshape(lead + (-1, out.shape[-1]))
-        logits.append(out[..., mask, :])
-        labels.append(np.asarray(batch["label"]).reshape(-1)[mask])
-        groups.append(np.asarray(batch["group"]).reshape(-1)[mask])
-    return {
+        logits.append(out.reshape(lead + (-1, out.shape[-1])))
+        labels.append(np.asarray(batch["label"]).reshape(-1))
+        groups.append(np.asarray(batch["group"]).reshape(-1))
+        masks.append(mask)
+    local = {
         "output": np.concatenate(logits, axis=-2),
         "label": np.concatenate(labels),
         "group": np.concatenate(groups),
+        "mask": np.concatenate(masks),
+    }
+    if all_processes:  # [P, ...] -> the processes' rows one after the other
+        every = distributed.allgather(local)
+        local = {
+            "output": np.concatenate(list(every["output"]), axis=-2),
+            **{k: every[k].reshape(-1) for k in ("label", "group", "mask")},
+        }
+    keep = local.pop("mask")
+    return {
+        "output": local["output"][..., keep, :],
+        "label": local["label"][keep],
+        "group": local["group"][keep],
     }
 
 
@@ -121,16 +142,18 @@ def evaluate(
     batches: Iterable[Mapping[str, Any]],
     num_groups: int,
     train_group_counts: Sequence[int],
+    all_processes: bool = False,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """`summarize` of the argmax predictions of `fn` over evaluation batches.
 
     Args:
       fn: images -> logits [B, C], or [M, B, C] for M stacked models.
+      all_processes: gather the predictions of every process first (see `collect`).
 
     Returns:
       One summary, or a list of M summaries for stacked models.
     """
-    out = collect(fn, batches)
+    out = collect(fn, batches, all_processes)
 
     def one(logits: np.ndarray) -> dict[str, Any]:
         return summarize(

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from agre_jax import errors, workdir
+from agre_jax import distributed, errors, workdir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,24 +62,34 @@ class MetricsWriter:
     """Writes records to `<dir>/metrics.jsonl` and scalars to TensorBoard event files.
 
     `resume_step` is the step of the checkpoint a run resumes from (0: none, a fresh start).
+    With `write` False (a process other than 0 of a multi-process run) it reads the records and
+    writes nothing.
     What was logged after it belongs to an interrupted attempt and is redone: the file is first
     rewritten (atomically) with the records up to it only, and TensorBoard is told to hide the
     points after it (`purge_step`). None appends to what is there. `records` holds the records
     kept.
     """
 
-    def __init__(self, directory: Path, tensorboard: bool = True, resume_step: int | None = None):
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self,
+        directory: Path,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        write: bool = True,
+    ):
         path = directory / METRICS_FILE
         old = path.read_text() if path.exists() else ""
         last = math.inf if resume_step is None else resume_step
         kept = [(line, r) for line, r in read_records(path) if r["step"] <= last]
         self.records = [r for _, r in kept]
+        self._jsonl = self._tb = None
+        if not write:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
         text = "".join(line + "\n" for line, _ in kept)
         if text != old:
             workdir.atomic_write_text(path, text)
         self._jsonl = open(path, "a")  # noqa: SIM115
-        self._tb = None
         if tensorboard:
             import tensorboardX
 
@@ -101,6 +111,8 @@ class MetricsWriter:
     ) -> None:
         """Appends a record {step, kind, time, **bookkeeping, **values}; `values` (not the
         bookkeeping) also go to TensorBoard as `kind/key`."""
+        if self._jsonl is None:
+            return
         record = {
             "step": int(step),
             "kind": kind,
@@ -119,7 +131,8 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -217,8 +230,17 @@ class Loop:
     _saved: int = dataclasses.field(default=0, init=False, repr=False)
 
     def _manager(self) -> ocp.CheckpointManager:
+        # Confined to this process: in a multi-process run process 0 saves, and every process
+        # restores the same step on its own (agre_jax/distributed.py); orbax then leaves the
+        # directory to us.
+        single = jax.process_count() == 1
+        if not single and distributed.is_primary():
+            self._checkpoints().mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, enable_async_checkpointing=False
+            max_to_keep=2,
+            create=single,
+            enable_async_checkpointing=False,
+            multiprocessing_options=distributed.orbax_options(),
         )
         return ocp.CheckpointManager(self._checkpoints().absolute(), options=options)
 
@@ -235,9 +257,14 @@ class Loop:
         try:
             step = manager.latest_step() or 0
             if step:
-                abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.save_view(carry))
+                if jax.process_count() == 1:
+                    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.save_view(carry))
+                else:  # saved as numpy (see _save): restored as numpy, then put on the device
+                    abstract = jax.device_get(self.save_view(carry))
                 try:
                     saved = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+                    if jax.process_count() > 1:
+                        saved = jax.device_put(saved)
                 except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types
                     raise errors.WorkdirError(
                         f"cannot restore the {self.name} checkpoint at step {step} in "
@@ -250,7 +277,7 @@ class Loop:
                 print(f"[{self.name}] resuming from the checkpoint at step {step}/{total}")
             self._saved = step
             # Only once the checkpoint is restored: the records after it are dropped.
-            writer = MetricsWriter(self.directory, resume_step=step)
+            writer = MetricsWriter(self.directory, resume_step=step, write=distributed.is_primary())
             self.seconds = sum(
                 float(r.get("seconds", 0.0)) for r in writer.records if r["kind"] == "epoch"
             )
@@ -294,7 +321,7 @@ class Loop:
             initial=start,
             desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
             leave=False,
-            disable=not self.progress,
+            disable=not self.progress or not distributed.is_primary(),
             dynamic_ncols=True,
         )
         t0 = time.time() - so_far.seconds
@@ -316,8 +343,7 @@ class Loop:
             if epoch_end:
                 break
             if step % self.checkpoint_every == 0:
-                manager.save(step, args=ocp.args.StandardSave(self.save_view(carry)))
-                self._saved = step
+                self._save(manager, step, carry)
         bar.close()
         if step % self.steps_per_epoch:
             raise RuntimeError(f"{self.name}: epoch {epoch} ended early at step {step}")
@@ -331,8 +357,7 @@ class Loop:
         # Written before the checkpoint that ends the epoch: every record up to a checkpoint's
         # step is in metrics.jsonl once that checkpoint exists.
         writer.write(step, "epoch", {"epoch": epoch + 1, "seconds": seconds, **means})
-        manager.save(step, args=ocp.args.StandardSave(self.save_view(carry)), force=True)
-        self._saved = step
+        self._save(manager, step, carry, force=True)
         self.seconds += seconds
         line = (
             self.summary(epoch, means, summary)
@@ -341,6 +366,15 @@ class Loop:
         )
         print(f"[{self.name}] epoch {epoch + 1}/{self.epochs} ({seconds:.0f} s): {line}")
         return carry, step
+
+    def _save(self, manager: ocp.CheckpointManager, step: int, carry: Any, force=False) -> None:
+        """Checkpoints the carry at `step` (process 0 only in a multi-process run)."""
+        if distributed.is_primary():
+            view = self.save_view(carry)
+            if jax.process_count() > 1:  # orbax refuses host-local jax.Arrays across processes
+                view = jax.device_get(view)
+            manager.save(step, args=ocp.args.StandardSave(view), force=force)
+        self._saved = step
 
     def _feed(self, batches: Iterator[Any], count: int, carry: Callable[[], Any]) -> Iterator[Any]:
         """The first `count` of `batches`, pulled `input_chunk` at a time once the device has

@@ -53,7 +53,7 @@ class Layout:
     Attributes:
       devices: local devices used (1 without pmap).
       pmap: whether the step runs under pmap.
-      per_device_batch: train.batch_size / devices.
+      per_device_batch: train.batch_size / (devices x processes).
     """
 
     devices: int
@@ -104,21 +104,33 @@ def dfr_config(config: ml_collections.ConfigDict) -> dfr.DFRConfig:
     return _from_block(dfr.DFRConfig, config.dfr, c_grid=c_grid, seed=config.teachers.seed)
 
 
-def layout(config: ml_collections.ConfigDict, devices: int | None = None) -> Layout:
-    """The student step's device layout; raises ConfigError when the batch does not split."""
+def layout(
+    config: ml_collections.ConfigDict, devices: int | None = None, processes: int | None = None
+) -> Layout:
+    """The student step's device layout; raises ConfigError when the batch does not split.
+
+    `devices` (default: the local device count) is per process; with several `processes`
+    (default: jax.process_count()) the step always runs under pmap over all their devices."""
     mode = config.train.pmap
     if mode not in PMAP_MODES:
         raise ConfigError(f"train.pmap is {mode!r}; expected one of {PMAP_MODES}")
     n = jax.local_device_count() if devices is None else devices
-    use_pmap = mode == "always" or (mode == "auto" and n > 1)
+    p = jax.process_count() if processes is None else processes
+    if p > 1 and mode == "never":
+        raise ConfigError(
+            f"train.pmap is 'never', but the run has {p} processes; a multi-process run "
+            "distils under pmap: use 'auto' or 'always'"
+        )
+    use_pmap = mode == "always" or (mode == "auto" and n * p > 1)
     n = n if use_pmap else 1
     batch = config.train.batch_size
-    if batch % n:
+    if batch % (n * p):
+        where = f"{n} devices" + (f" x {p} processes" if p > 1 else "")
         raise ConfigError(
-            f"train.batch_size is {batch}, which does not divide over the {n} devices of "
+            f"train.batch_size is {batch}, which does not divide over the {where} of "
             "train.pmap; use a multiple of the device count, or train.pmap='never'"
         )
-    return Layout(devices=n, pmap=use_pmap, per_device_batch=batch // n)
+    return Layout(devices=n, pmap=use_pmap, per_device_batch=batch // (n * p))
 
 
 def model(block: ml_collections.ConfigDict, num_classes: int, compute_dtype: Any) -> Any:
@@ -328,7 +340,27 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
     data_dir = config.data.data_dir
     if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
         problems.append(f"data.data_dir is {data_dir!r}, a file; expected a directory")
-    return problems
+    return problems + _device_augment_problems(config)
+
+
+def _device_augment_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """data.device_augment is a bool, and True only where some network trains augmented."""
+    value = config.data.device_augment
+    if not isinstance(value, bool):
+        return [f"data.device_augment is {value!r}; expected True or False"]
+    augmented = (
+        config.train.augment is True
+        or (config.teachers.augment is True and not config.teachers.checkpoints)
+        or (config.pretrain.enabled is True and config.pretrain.augment is True)
+    )
+    if value and not augmented:
+        return [
+            "data.device_augment is True, but no trained network uses augmentation "
+            "(train.augment, teachers.augment of ERM-trained teachers, pretrain.augment of an "
+            "enabled pretraining are all off); the device path only feeds augmented training: "
+            "expected one of them True, or data.device_augment=False"
+        ]
+    return []
 
 
 def validate(config: ml_collections.ConfigDict) -> Layout:

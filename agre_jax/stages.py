@@ -34,7 +34,7 @@ import numpy as np
 
 from agre_jax import checkpoints, distill, evaluation, loop, models, optim, settings, teachers
 from agre_jax import workdir as wd
-from agre_jax.data import pipeline
+from agre_jax.data import device_input, pipeline
 from agre_jax.errors import CheckpointError, ConfigError, WorkdirError
 
 INPUTS_FILE = "inputs.json"  # in the distill directory: the key of what it was distilled from
@@ -68,6 +68,11 @@ class Dataset:
       eval_transform: one of pipeline.EVAL_TRANSFORMS.
       dtype: compute dtype of the images.
       fingerprint: content digest of the prepared data (pipeline.fingerprint).
+      device_cache: with data.device_augment, the training split's device_input.Cache:
+        augmented training batches then hold its uint8 images and the augmentation
+        parameters, which the compiled steps apply (device_input.augment); None: host path.
+      shard: (process index, process count) whose share of each global batch the batches
+        hold; (0, 1), every example, unless `sharded` (a multi-process distillation).
     """
 
     name: str
@@ -81,6 +86,13 @@ class Dataset:
     eval_transform: str
     dtype: Any
     fingerprint: str
+    device_cache: Any = None
+    shard: tuple[int, int] = (0, 1)
+
+    def sharded(self) -> Dataset:
+        """This dataset as this process's share of a multi-process run: its columns of each
+        global batch, and evaluations that gather every process's predictions."""
+        return dataclasses.replace(self, shard=(jax.process_index(), jax.process_count()))
 
     @property
     def key(self) -> dict[str, Any]:
@@ -89,6 +101,7 @@ class Dataset:
             "fingerprint": self.fingerprint,
             "image_size": self.image_size,
             "eval_transform": self.eval_transform,
+            **({"device_input": self.device_cache.settings} if self.device_cache else {}),
         }
 
     def train_batches(
@@ -113,8 +126,11 @@ class Dataset:
             num_devices=num_devices,
             augment=augment,
             prefetch=prefetch,
+            cache=self.device_cache,
             dtype=self.dtype,
             eval_transform=self.eval_transform,
+            process_index=self.shard[0],
+            process_count=self.shard[1],
         )
 
     def eval_batches(self, split: str) -> Iterator[dict[str, Any]]:
@@ -126,12 +142,18 @@ class Dataset:
             dtype=self.dtype,
             prefetch=0,
             eval_transform=self.eval_transform,
+            process_index=self.shard[0],
+            process_count=self.shard[1],
         )
 
     def evaluate(self, logits_fn: Any, split: str) -> Any:
         """Group metrics of `logits_fn` (images -> [B, C] or [M, B, C]) on `split`."""
         return evaluation.evaluate(
-            logits_fn, self.eval_batches(split), self.num_groups, self.train_counts
+            logits_fn,
+            self.eval_batches(split),
+            self.num_groups,
+            self.train_counts,
+            all_processes=self.shard[1] > 1,
         )
 
     def summarize(self, predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict:
@@ -182,6 +204,11 @@ def _prepare(config: ml_collections.ConfigDict, name: str, knobs: Any, manual_di
         eval_transform=config.data.eval_transform,
         dtype=settings.dtype(config.dtype),
         fingerprint=pipeline.fingerprint(builder, splits),
+        device_cache=(
+            device_input.train_cache(builder, splits["train"], image_size=config.data.image_size)
+            if config.data.device_augment
+            else None
+        ),
     )
 
 
@@ -1051,6 +1078,8 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
     """The distillation loop: (best variables, last variables, best val WGA, its epoch)."""
     tcfg = config.train
     use_pmap = run_layout.pmap
+    if jax.process_count() > 1:  # each process feeds and evaluates its share (distributed.py)
+        data = data.sharded()
     spe = pipeline.steps_per_epoch(data.splits["train"], tcfg.batch_size)
     tx = optim.from_config(tcfg.optimizer, epochs=tcfg.epochs, steps_per_epoch=spe)
     state = distill.create_train_state(
@@ -1061,8 +1090,10 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
     replicate = distill.replicate  # laid out as the step's outputs: one trace, not two
     if use_pmap:
         frozen, state = replicate(frozen), replicate(state)
+        hosts = f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""
         print(
-            f"[distill] pmap over {run_layout.devices} devices, {run_layout.per_device_batch} each"
+            f"[distill] pmap over {run_layout.devices} devices{hosts}, "
+            f"{run_layout.per_device_batch} examples each"
         )
     unrep = flax.jax_utils.unreplicate if use_pmap else (lambda x: x)
     student_vars = lambda st: {"params": st.params["student"], "batch_stats": st.batch_stats}  # noqa: E731
@@ -1078,7 +1109,10 @@ def _train_student(config, data, mdl, dcfg, frozen, directory, run_layout, stude
         "best_epoch": jnp.asarray(0, jnp.int32),
     }
 
+    augment = device_input.compile_augment(data.image_size, data.dtype, pmap=use_pmap)
+
     def step(carry, batch, s):
+        batch = augment(batch)  # a device batch (data.device_augment): crop, flip, normalise
         rng = jax.random.fold_in(base_rng, s)
         state, metrics = step_fn(carry["state"], frozen, batch, replicate(rng) if use_pmap else rng)
         return {**carry, "state": state}, metrics

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from agre_jax import errors, evaluation, settings, stages
+from agre_jax import distributed, errors, evaluation, settings, stages
 from agre_jax import workdir as wd
 from agre_jax.data import core
 
@@ -51,15 +51,21 @@ def train_and_evaluate(
             raise errors.WorkdirError(f"{key}: {e}") from e
     created = not run_dir.exists()
     try:
-        with wd.lock(run_dir):
-            return _run(config, run_dir, stage_dir, run_layout, overwrite, start)
+        # In a multi-process run the other processes wait here until process 0 has the data
+        # and the single-device stages on disk, then read them (agre_jax/distributed.py).
+        with wd.lock(run_dir), distributed.PrimaryFirst("the data and the stages") as gate:
+            return _run(config, run_dir, stage_dir, run_layout, overwrite, start, gate)
     except errors.UserError:
-        if created and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+        if (
+            created
+            and distributed.is_primary()
+            and {p.name for p in run_dir.iterdir()} <= {".lock"}
+        ):
             shutil.rmtree(run_dir)  # bad input leaves nothing behind
         raise
 
 
-def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, start: float):
+def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, start: float, gate):
     # Every input, read and checked before any training.
     t0 = time.time()
     data = stages.load_data(config)
@@ -160,6 +166,7 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
             )
             d_heads = stages.dfr_stage(de_config, data, d_teachers, stage_dir, de_keys.dfr)
             deep = (d_teachers, d_heads)
+    gate.release()  # every stage the distillation reads is on disk
     student_model = settings.model(config.student, data.num_classes, data.dtype)
     init = None
     if s_init is not None:
@@ -172,23 +179,40 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
             fresh_head=pretrained is not None,
         )
     student = stages.distill_stage(config, data, ens, distill_dir, run_layout, init)
-    t0 = time.time()
-    results = stages.evaluate_stage(
-        data, teachers, heads, ens.kinds, student, student_model, deep, biased
-    )
-    records = {
-        "data": stages.StageRecord(data_seconds, False),
-        **({"pretrain": pretrained.record} if pretrained else {}),
-        "teachers": teachers.record,
-        "dfr": heads.record,
-        **({"biased": b_record} if b_record else {}),
-        **({"deep_ensemble": _deep_record(deep, de_keys, keys)} if deep else {}),
-        "distill": student.record,
-        "evaluate": stages.StageRecord(round(time.time() - t0, 1), False),
-    }
-    return write_report(
-        config, run_dir, data, teachers, heads, ens, student, results, records, start, pretrained
-    )
+    # Process 0 evaluates and reports; the others wait for it, so that every process of the
+    # run leaves together (jax.distributed's shutdown waits for all).
+    with distributed.PrimaryFirst("the evaluation and the report") as last:
+        if not distributed.is_primary():
+            return {}
+        t0 = time.time()
+        results = stages.evaluate_stage(
+            data, teachers, heads, ens.kinds, student, student_model, deep, biased
+        )
+        records = {
+            "data": stages.StageRecord(data_seconds, False),
+            **({"pretrain": pretrained.record} if pretrained else {}),
+            "teachers": teachers.record,
+            "dfr": heads.record,
+            **({"biased": b_record} if b_record else {}),
+            **({"deep_ensemble": _deep_record(deep, de_keys, keys)} if deep else {}),
+            "distill": student.record,
+            "evaluate": stages.StageRecord(round(time.time() - t0, 1), False),
+        }
+        report = write_report(
+            config,
+            run_dir,
+            data,
+            teachers,
+            heads,
+            ens,
+            student,
+            results,
+            records,
+            start,
+            pretrained,
+        )
+        last.release()
+        return report
 
 
 def _deep_record(deep, de_keys: stages.Keys, keys: stages.Keys) -> stages.StageRecord:

@@ -21,12 +21,12 @@ from typing import Any
 
 import ml_collections
 
-from agre_jax import errors
+from agre_jax import distributed, errors
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "done.json"
-# Keys that change how a run looks, not what it computes.
-_COSMETIC = ("progress",)
+# Keys that change how a run looks or where it runs, not what it computes.
+_COSMETIC = ("progress", "distributed")
 # What `--overwrite` removes: the run's own outputs (stages keyed by settings stay valid).
 RUN_OUTPUTS = ("distill", "results.json", "results.md")
 # Held (flock) by the run using a workdir; it records who holds it.
@@ -39,7 +39,10 @@ class ConfigMismatchError(errors.WorkdirError):
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes `text` to `path` through a temporary file and a rename (mode 0644, not
-    mkstemp's 0600: configs and reports are meant to be read by others)."""
+    mkstemp's 0600: configs and reports are meant to be read by others). In a multi-process
+    run only process 0 writes (agre_jax/distributed.py); the others' calls do nothing."""
+    if not distributed.is_primary():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -86,6 +89,7 @@ ADDED_KEYS: dict[str, Any] = {
     "biased.arch": "",
     "distill.feature_weighting": "shared",
     "teachers.archs": [],  # (config_dict lists tuples)
+    "data.device_augment": False,
 }
 
 
@@ -223,7 +227,11 @@ def lock(directory: Path) -> Iterator[None]:
     Raises `errors.WorkdirError` at once when another run holds it. The lock goes with the
     process (flock is released when its descriptor closes, kill -9 included); the file stays.
     Not re-entrant: a second `lock` of the same directory inside the first fails too.
+    In a multi-process run, process 0 holds it for all (the others do not take it).
     """
+    if not distributed.is_primary():
+        yield
+        return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE

@@ -42,6 +42,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype of every network ('bfloat16' on GPUs); params float32
     c.stage_dir = ""  # where teacher/DFR stages live ('' = <workdir>/stages); shared by sweeps
     c.progress = True  # progress bars
+    # One run over several processes or hosts (agre_jax/distributed.py): process 0 prepares the
+    # data and the single-device stages, the distillation's pmap spans every process's devices.
+    # Not part of a run's identity: a run may resume with another process count.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.num_processes = 0  # 0: from SLURM / Open MPI when they launched several tasks
+    c.distributed.process_id = -1  # this process's index, 0..num_processes-1 (-1: launcher's)
+    c.distributed.coordinator = ""  # 'host:port' of process 0 ('': launcher's)
+    c.distributed.initialization_timeout_s = 300  # waiting for every process to join
+    c.distributed.heartbeat_timeout_s = 30  # a silent process counts as dead after this
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "spurious_shapes"  # TFDS builder: spurious_shapes, waterbirds, celeba_groups
@@ -55,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the teachers users port), the Waterbirds and CelebA presets' choice.
     c.data.eval_transform = "resize_crop"
     c.data.eval_batch_size = 256
+    # Augmented training from a uint8 cache decoded once (in the TFDS data dir), the random
+    # crops and flips computed on the device (agre_jax/data/device_input.py): for GPUs, where
+    # decoding JPEGs on the host is the bottleneck. False: decode and augment on the host.
+    c.data.device_augment = False
 
     c.teachers = ml_collections.ConfigDict()
     c.teachers.arch = "resnet50"
