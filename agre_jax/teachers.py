@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from agre_jax import dfr, evaluation, loop, models, optim
-from agre_jax.data import pipeline
+from agre_jax.data import device_input, pipeline
 
 
 class ModelState(flax.struct.PyTreeNode):
@@ -130,7 +130,12 @@ def train_erm(
         "best_avg": jnp.full((m,), -1.0, jnp.float32),
         "best_epoch": jnp.zeros((m,), jnp.int32),
     }
-    step = jax.jit(functools.partial(erm_step, model=model, tx=tx, how=cfg.map), donate_argnums=0)
+
+    def augmented_step(carry, batch):  # device batches (data.device_augment) finish here
+        batch = device_input.augment(batch, data.image_size, data.dtype)
+        return erm_step(carry, batch, model=model, tx=tx, how=cfg.map)
+
+    step = jax.jit(augmented_step, donate_argnums=0)
     logits_fn = stacked_logits_fn(model, cfg.map)
 
     def batches(epoch: int, start: int):
@@ -146,7 +151,8 @@ def train_erm(
             for t in range(m)
         ]
         for parts in zip(*streams, strict=True):
-            yield {k: np.stack([p[k] for p in parts]) for k in ("image", "label")}
+            keys = ("image", "label", *device_input.PARAM_KEYS)
+            yield {k: np.stack([p[k] for p in parts]) for k in keys if k in parts[0]}
 
     def evaluate(carry, epoch):
         variables = {"params": carry["state"].params, "batch_stats": carry["state"].batch_stats}

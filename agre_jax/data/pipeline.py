@@ -27,6 +27,10 @@ Batches are dicts: `image` [B, S, S, 3] float32 or bfloat16, ImageNet-normalised
 [D, B / D, ...] for pmap. `batch_size` is always the global batch over all processes: process p
 of P receives columns [p * B / P, (p + 1) * B / P) of every global batch.
 
+The device path (`train_epoch(..., cache=...)`, agre_jax/data/device_input.py) yields the
+same examples with uint8 images from a decode-once cache plus the augmentation parameters; the
+compiled step applies them (`device_input.augment`).
+
 Augmentation (training): RandomResizedCrop (area 0.7-1.0, aspect ratio 3/4-4/3, 10 tries, else
 the whole image) to `image_size`, bilinear, plus horizontal flip with probability 1/2.
 Evaluation (and `augment=False`), `eval_transform`: 'resize_crop' (default, torchvision's ImageNet
@@ -564,6 +568,11 @@ def _dataset(
             lambda p, lab: {"image": fn(p), **lab}, num_parallel_calls=tf.data.AUTOTUNE
         )
         ds = ds.batch(b, drop_remainder=True)
+    return _finish(ds)
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Deterministic, not autotuned, two batches prefetched."""
     options = tf.data.Options()
     options.deterministic = True
     # No autotuning: deleting an iterator whose autotune thread was running blocked the main
@@ -648,6 +657,7 @@ def train_epoch(
     prefetch: int = 2,
     process_index: int | None = None,
     process_count: int | None = None,
+    cache: Any = None,
 ) -> Iterator[Batch]:
     """The batches of training epoch `epoch`, from step `start_step` on.
 
@@ -668,6 +678,9 @@ def train_epoch(
       indices: restrict the epoch to these example indices of the split.
       prefetch: batches kept ahead on the device(s); 0 yields numpy arrays.
       process_index, process_count: default to JAX's.
+      cache: a `device_input.Cache` of this split: with `augment`, the batches are the device
+        path's (same examples, same parameters): uint8 `image` [.., Hc, Wc, 3] and the
+        augmentation parameters, for `device_input.augment` to finish on the device.
     Yields:
       dicts with image [.., S, S, 3] and label, group, place int32.
     """
@@ -692,6 +705,8 @@ def train_epoch(
     if start_step == steps:
         return iter(())
     columns = _process_columns(arrays, batch_size, p_index, p_count)
+    if cache is not None and augment:
+        return _to_layout(_finish(cache.dataset(data, columns)), num_devices, prefetch)
     ds = _dataset(data, columns, image_size, augment, dtype, eval_transform)
     return _to_layout(ds, num_devices, prefetch)
 
