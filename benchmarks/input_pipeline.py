@@ -7,6 +7,12 @@ consumed as numpy (no device transfer). 'eval square' is the DFR / group_DRO eva
 (`eval_transform='square_resize_crop'`). Also prints the time of `pipeline.fingerprint` of each
 source (all three splits, in memory).
 
+The device path (`data.device_augment`, agre_jax/data/device_input.py) has two rows: 'device:
+host' is what the host does per batch (gather cached uint8 images and the augmentation
+parameters), 'device: +augment' adds the jitted `device_input.augment` (crop, resize, flip,
+normalise) run here on the CPU, where a GPU would run it inside the step. The time to build
+the cache (decode and resize every training image once) is printed first.
+
   python benchmarks/input_pipeline.py [--data_dir DIR] [--num_jpegs 400] [--epochs 3]
 """
 
@@ -18,11 +24,12 @@ import os
 import tempfile
 import time
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agre_jax.data import pipeline
+from agre_jax.data import device_input, pipeline
 
 
 def fake_waterbirds(root: str, num: int, seed: int = 0) -> None:
@@ -55,6 +62,15 @@ def throughput(make_iter, epochs: int) -> float:
         for batch in make_iter(e):
             n += batch["label"].size
     return n / (time.perf_counter() - start)
+
+
+def augmented(batches, image_size: int):
+    """`batches` (device path) through the jitted device augmentation, waited for."""
+    fn = jax.jit(lambda b: device_input.augment(b, image_size, np.float32))
+    for batch in batches:
+        out = fn(batch)
+        out["image"].block_until_ready()
+        yield out
 
 
 def main() -> None:
@@ -92,6 +108,12 @@ def main() -> None:
     ):
         split = pipeline.load_split(builder, "train")
         common = {"batch_size": batch, "image_size": size, "prefetch": 0}
+        start = time.perf_counter()
+        cache = device_input.train_cache(builder, split, image_size=size)
+        print(
+            f"{name}: device-input cache {tuple(cache.images.shape)} ready in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
         for mode, fn in (
             ("train (augment)", lambda e, s=split, c=common: pipeline.train_epoch(
                 s, seed=0, epoch=e, **c)),
@@ -100,6 +122,10 @@ def main() -> None:
             ("eval", lambda e, s=split, c=common: pipeline.eval_batches(s, **c)),
             ("eval square", lambda e, s=split, c=common: pipeline.eval_batches(
                 s, eval_transform="square_resize_crop", **c)),
+            ("device: host", lambda e, s=split, c=common, k=cache: pipeline.train_epoch(
+                s, seed=0, epoch=e, cache=k, **c)),
+            ("device: +augment", lambda e, s=split, c=common, k=cache: augmented(
+                pipeline.train_epoch(s, seed=0, epoch=e, cache=k, **c), c["image_size"])),
         ):  # fmt: skip
             rows.append((name, split.num_examples, size, batch, mode, throughput(fn, args.epochs)))
 

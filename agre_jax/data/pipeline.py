@@ -568,11 +568,6 @@ def _dataset(
             lambda p, lab: {"image": fn(p), **lab}, num_parallel_calls=tf.data.AUTOTUNE
         )
         ds = ds.batch(b, drop_remainder=True)
-    return _finish(ds)
-
-
-def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Deterministic, not autotuned, two batches prefetched."""
     options = tf.data.Options()
     options.deterministic = True
     # No autotuning: deleting an iterator whose autotune thread was running blocked the main
@@ -604,7 +599,11 @@ def _to_layout(ds: tf.data.Dataset, num_devices: int | None, prefetch: int) -> I
     """numpy batches, reshaped to [D, B / D, ...] for pmap, then prefetched to the device(s)."""
     # as_numpy_iterator copies out of TF's buffers (tfds.as_numpy does not): JAX must not alias
     # memory that TF owns (device_put of such views deadlocked the next TF iterator here).
-    it = ds.as_numpy_iterator()
+    return _place(ds.as_numpy_iterator(), num_devices, prefetch)
+
+
+def _place(it: Iterator[Batch], num_devices: int | None, prefetch: int) -> Iterator[Batch]:
+    """`_to_layout` of an iterator of numpy batches."""
     if num_devices is not None:
         it = (
             jax.tree_util.tree_map(lambda x: x.reshape(num_devices, -1, *x.shape[1:]), b)
@@ -706,7 +705,7 @@ def train_epoch(
         return iter(())
     columns = _process_columns(arrays, batch_size, p_index, p_count)
     if cache is not None and augment:
-        return _to_layout(_finish(cache.dataset(data, columns)), num_devices, prefetch)
+        return _place(cache.batches(data, columns), num_devices, prefetch)
     ds = _dataset(data, columns, image_size, augment, dtype, eval_transform)
     return _to_layout(ds, num_devices, prefetch)
 
