@@ -3,7 +3,8 @@
 Importing this package registers the builders with TFDS: `spurious_shapes` (the embedded
 synthetic default), `pretrain_shapes` (its pretraining task), `waterbirds`, `celeba_groups` and
 `colored_mnist` (on real MNIST digits, embedded by default). The input pipeline lives in
-`agre_jax.data.pipeline`.
+`agre_jax.data.pipeline`; its device path (decode-once cache, augmentation in the compiled
+step) in `agre_jax.data.device_input`.
 """
 
 from agre_jax.data.celeba_groups import CelebaGroups

@@ -1,10 +1,12 @@
-"""The device input path: images decoded once into a uint8 cache, augmented inside the step.
+"""The device input path: images decoded once into a uint8 cache, augmented on the device.
 
 The host path (`pipeline.train_epoch`) decodes every JPEG on every pass: about 400 images/s on
 2 cores at 224 px (benchmarks/input_pipeline.py), far below what one GPU trains on. Here the
 host only gathers cached uint8 images and the per-example augmentation parameters of
 `pipeline._augment_params` (a function of (seed, epoch)); `augment`, a pure jittable function,
-computes the RandomResizedCrop windows, resamples, flips and normalises on the device.
+computes the RandomResizedCrop windows, resamples, flips and normalises on the device (the
+ERM teachers' compiled step calls it first; the distillation step is preceded by a compiled
+call of it, `compile_augment`).
 
 Images and windows are the host path's: the same example order, process columns and
 parameters (`pipeline.train_epoch(..., cache=...)` shares that code), windows by a float32 port
@@ -12,15 +14,19 @@ of `pipeline._crop_window` on the ORIGINAL image size, and the host's bilinear f
 
 - decoded in-memory splits (the synthetic data): the cache is the split's own array, and the
   crop is `tf.image.crop_and_resize`'s (box corners on pixel centres), as `pipeline._batch_fn`
-  does it: equal to the host's images up to float rounding.
+  does it: equal to the host's images up to float rounding, except where TF's rounding put
+  an edge row's samples past the image and filled it with 0 (the device clamps them inside).
 - encoded splits (JPEG/PNG: Waterbirds, CelebA): the host decodes the crop window and resizes
   it with `tf.image.resize` (half-pixel centres, no antialiasing). The cache holds every image
   decoded and resized once to a fixed `(Hc, Wc)` = (min(side, largest height), min(side,
   largest width)), `side = ceil(image_size / 0.7)` (320 at 224 px), bilinear with antialiasing,
   plus each original size; the device samples the window, mapped into the cache's pixels.
-  Images at most `side` on both axes are cached unresampled, and then the device output equals
-  the host's up to float rounding. Larger ones are resampled twice (to the cache, then to the
-  output) instead of once: a slight blur, no geometric difference. Why `side`: every crop
+  Images of exactly the cache's size (a split whose images share one size within `side`, as
+  CelebA's 178 x 218) are cached unresampled, and then the device output equals the host's up
+  to float rounding (for JPEGs, but for the crop's edge columns, where libjpeg's cropped
+  decode, the host's, differs from the full decode). Others are resampled twice (into the
+  cache, then to the output) instead of once: a slight blur, no geometric offset (tested on
+  linear ramps). Why `side`: every crop
   window spans at least 0.7 of each axis (its area fraction is >= 0.7 and neither side
   exceeds the image), so a window holds >= image_size cache pixels per axis: the device never
   upsamples where the host path would downsample.
@@ -69,6 +75,7 @@ CACHE_FILE = "cache.json"
 # splits only), the crop candidates and the flip, as `pipeline._augment_params` draws them.
 PARAM_KEYS = ("size", "area", "log_ratio", "offset", "flip")
 Batch = dict[str, Any]
+_decode = pipeline._decode  # noqa: SLF001 -- the host path's decoder, shared
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -277,12 +284,6 @@ def _build(data: pipeline.SplitData, out: Path, record: Mapping[str, Any], side:
     info = {"record": dict(record), "shape": [hc, wc]}
     (out / CACHE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     os.chmod(out, 0o755)  # mkdtemp's 0700: the data dir is meant to be shared
-
-
-def _decode(data: tf.Tensor, encoding: str) -> tf.Tensor:
-    if encoding == "jpeg":
-        return tf.io.decode_jpeg(data, channels=3)
-    return tf.io.decode_image(data, channels=3, expand_animations=False)
 
 
 # --- on the device -------------------------------------------------------------------------------
