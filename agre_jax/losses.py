@@ -143,7 +143,9 @@ def feature_loss(
     for i, (name, gamma) in enumerate(sorted(gammas.items())):
         if gamma == 0:
             continue
-        s, t = student[name], teacher[name]
+        # float32 before pooling: bf16 features (dtype='bfloat16') would round the pooled
+        # mean and the loss (a no-op on float32 features).
+        s, t = student[name].astype(jnp.float32), teacher[name].astype(jnp.float32)
         if s.ndim == 4:
             s = pool_to(s, t.shape[1:3])
         mask_s = mask_t = None
@@ -255,7 +257,10 @@ def feature_distance(
       kind: 'mse' (mean over the kept elements) or 'attention' (attention transfer: mean
         squared difference of the normalised attention maps; spatial layers only).
       mask_s, mask_t: optional channel-dropout masks (broadcastable to s and t).
+
+    Computed in float32 whatever the features' dtype (bf16 compute pools in float32 too).
     """
+    s, t = s.astype(jnp.float32), t.astype(jnp.float32)
     if s.ndim == 4:
         s = pool_to(s, t.shape[1:3])
     if kind == "mse":
