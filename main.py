@@ -139,8 +139,9 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
                 "(distributed.num_processes 0 or 1) and spread its runs with sweep.launcher"
             )
         distributed.initialize(spec)
-        if not distributed.is_primary():  # process 0 prints for the run
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        if not distributed.is_primary():  # process 0 prints for the run (C++ libraries too)
+            sys.stdout.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if "sweep" in config:
             return sweep_runner.run_sweep(config, run_dir, flag_values.overwrite, source)[
                 "exit_code"

@@ -96,6 +96,22 @@ def test_layout_needs_a_batch_divisible_by_the_devices():
     assert settings.layout(config, devices=4) == settings.Layout(1, False, 16)
 
 
+def test_layout_over_several_processes():
+    config = tiny.get_config()
+    config.train.batch_size = 16
+    # 2 processes x 2 local devices: pmap over the local ones, the batch over all 4.
+    assert settings.layout(config, devices=2, processes=2) == settings.Layout(2, True, 4)
+    # one device per process still runs under pmap (its collectives span the processes)
+    assert settings.layout(config, devices=1, processes=2) == settings.Layout(1, True, 8)
+    config.train.batch_size = 12
+    with pytest.raises(errors.ConfigError, match="the 2 devices x 4 processes"):
+        settings.layout(config, devices=2, processes=4)
+    config.train.batch_size = 16
+    config.train.pmap = "never"
+    with pytest.raises(errors.ConfigError, match="has 2 processes"):
+        settings.layout(config, devices=2, processes=2)
+
+
 def test_split_sizes_against_batches():
     config = tiny.get_config()
     with pytest.raises(errors.ConfigError, match="train.batch_size is 16 but the training split"):
