@@ -14,6 +14,12 @@ This module only defines sweeps and their directory layout. `agre_jax.sweep_runn
     python main.py --config configs/sweeps/methods.py --config.sweep.seeds='(0,1)' \\
         --config.train.epochs=10        # overrides of the sweep and of the base config
     python -m agre_jax.report runs/methods   # the tables and plots again, without training
+    python main.py --config configs/sweeps/methods.py --config.sweep.launcher=slurm \\
+        --config.sweep.slurm.partition=gpu       # each run a SLURM job (agre_jax/launch.py)
+
+`sweep.launcher` says where the runs run: 'inline' (one after another in this process),
+'local' (one submitit job per run on this machine, `sweep.local.*`) or 'slurm' (one job per
+run, `sweep.slurm.*`); `launcher_of` checks those keys.
 
 Config files import `define` and `variant`: this module imports only the standard library,
 ml_collections and `agre_jax.errors` (no jax, no tensorflow, not even inside functions; a test
@@ -22,6 +28,7 @@ checks it).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +45,24 @@ STAGES_DIR = "stages"
 COMPILATION_CACHE = "compilation_cache"
 # Label names that would clash with the report's own columns.
 RESERVED_LABELS = ("variant", "n", "seeds", "failed", "status")
+LAUNCHERS = ("inline", "local", "slurm")
+LOCAL_DEFAULTS: dict[str, Any] = dict(
+    jobs=0,  # jobs at once: 0 = one per `gpus_per_job` visible GPUs, or 1 without GPUs
+    gpus_per_job=1,  # each job's CUDA_VISIBLE_DEVICES (0: jobs without a GPU)
+)
+SLURM_DEFAULTS: dict[str, Any] = dict(
+    partition="",  # required with launcher='slurm'
+    time_min=24 * 60,  # each job's time limit; a timed-out job is requeued and resumes ...
+    max_num_timeout=3,  # ... that many times at most
+    gpus_per_job=1,
+    cpus_per_task=8,
+    mem_gb=0,  # 0 = the partition's default
+    array_parallelism=8,  # jobs of one array running at once
+    account="",  # '' = SLURM's default
+    qos="",
+    setup=(),  # shell lines run before each job, e.g. ('module load cuda',)
+    additional_parameters="",  # more sbatch options, a JSON object: '{"constraint": "a100"}'
+)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _SCALARS = (str, int, float, bool)
 
@@ -79,6 +104,11 @@ def define(
             # Persist XLA compilations in <dir>/compilation_cache, so that runs after the first
             # skip most compile time (unless JAX_COMPILATION_CACHE_DIR already names one).
             compilation_cache=True,
+            # Where runs run: 'inline' (in this process, one after another), 'local' (one job
+            # per run on this machine) or 'slurm' (one job per run); see agre_jax/launch.py.
+            launcher="inline",
+            local=ml_collections.ConfigDict(LOCAL_DEFAULTS),
+            slurm=ml_collections.ConfigDict(SLURM_DEFAULTS),
         )
     )
     return config
@@ -134,6 +164,10 @@ def spec_of(config: ml_collections.ConfigDict, source: str = "") -> dict[str, An
     unknown = sorted(set(only) - set(names))
     if unknown:
         problems.append(f"sweep.only names unknown variants {unknown}; variants: {names}")
+    try:
+        launcher_of(config)
+    except SweepError as e:
+        problems.append(str(e))
     if problems:
         raise SweepError("invalid sweep: " + "; ".join(problems))
     return {
@@ -148,6 +182,80 @@ def spec_of(config: ml_collections.ConfigDict, source: str = "") -> dict[str, An
         "variants": variants,
         "only": only,
     }
+
+
+def launcher_of(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The sweep's launcher settings, checked: {'launcher': name, 'local': {...}} or
+    {'launcher': 'slurm', 'slurm': {...}} (additional_parameters parsed into a dict), or
+    {'launcher': 'inline'}. Sweep configs made before these keys existed run inline.
+
+    Raises:
+      SweepError: an unknown launcher, or a bad value of its `sweep.local.*` /
+        `sweep.slurm.*` keys (e.g. no partition for slurm); every problem in one message.
+    """
+    s = config.sweep
+    launcher = s.get("launcher", "inline")
+    if launcher not in LAUNCHERS:
+        raise SweepError(f"sweep.launcher is {launcher!r}; expected one of {LAUNCHERS}")
+    if launcher == "inline":
+        return {"launcher": launcher}
+    section = s.get(launcher, None)
+    values = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else {}
+    problems: list[str] = []
+
+    def integer(key: str, low: int) -> None:
+        x = values.get(key)
+        if not isinstance(x, int) or isinstance(x, bool) or x < low:
+            problems.append(f"sweep.{launcher}.{key} must be an integer >= {low}, got {x!r}")
+
+    if launcher == "local":
+        values = {**LOCAL_DEFAULTS, **values}
+        integer("jobs", 0)
+        integer("gpus_per_job", 0)
+    else:
+        values = {**SLURM_DEFAULTS, **values}
+        if not isinstance(values["partition"], str) or not values["partition"].strip():
+            problems.append(
+                "sweep.slurm.partition is not set; expected the SLURM partition to submit to, "
+                "e.g. --config.sweep.slurm.partition=gpu"
+            )
+        for key, low in (("time_min", 1), ("max_num_timeout", 0), ("gpus_per_job", 0)):
+            integer(key, low)
+        for key, low in (("cpus_per_task", 1), ("mem_gb", 0), ("array_parallelism", 1)):
+            integer(key, low)
+        for key in ("account", "qos"):
+            if not isinstance(values[key], str):
+                problems.append(f"sweep.slurm.{key} must be a string, got {values[key]!r}")
+        setup = values["setup"]
+        if not isinstance(setup, tuple | list) or not all(isinstance(x, str) for x in setup):
+            problems.append(f"sweep.slurm.setup must be a tuple of shell lines, got {setup!r}")
+        values["setup"] = list(setup) if isinstance(setup, tuple | list) else setup
+        values["additional_parameters"] = _sbatch_options(values["additional_parameters"], problems)
+    if problems:
+        raise SweepError("; ".join(problems))
+    return {"launcher": launcher, launcher: values}
+
+
+def _sbatch_options(text: Any, problems: list[str]) -> dict[str, Any]:
+    """sweep.slurm.additional_parameters: '' or a JSON object of sbatch options."""
+    if text == "":
+        return {}
+    expected = (
+        "expected a JSON object of sbatch options with string, integer or true values, e.g. "
+        '\'{"constraint": "a100", "exclusive": true}\''
+    )
+    try:
+        options = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError as e:
+        problems.append(f"sweep.slurm.additional_parameters is not JSON ({e}); {expected}")
+        return {}
+    if not isinstance(options, dict) or not all(
+        isinstance(v, str | int) and (v is True or not isinstance(v, bool))
+        for v in options.values()
+    ):
+        problems.append(f"sweep.slurm.additional_parameters is {text!r}; {expected}")
+        return {}
+    return options
 
 
 def _check_variant(v: Any, index: int) -> dict[str, Any]:

@@ -1,22 +1,24 @@
-"""Running a sweep (defined in `agre_jax.sweep`): every variant x seed in this process.
+"""Running a sweep (defined in `agre_jax.sweep`): every variant x seed, in this process or as
+jobs.
 
 Each run is `train.train_and_evaluate(config, <dir>/runs/<variant>/seed<k>)`; teacher and DFR
 stages live in `<dir>/stages/` and are trained once for all runs. Finished runs with an
 unchanged config are skipped, unfinished or failed ones resume, a failed run leaves
 `error.txt` and the others go on; `report.write_report` then aggregates the directory.
+`sweep.launcher` 'inline' runs them here one after another; 'local' and 'slurm' submit one
+job per run (`agre_jax.launch`, shared stages computed by one job first).
 
     python main.py --config configs/sweeps/methods.py --workdir runs/methods
+    python main.py --config configs/sweeps/methods.py --config.sweep.launcher=local
 
-Import graph: this module imports `sweep` (definitions), `report`, `settings` and `train`;
-none of them imports it back.
+Import graph: this module imports `sweep` (definitions), `launch`, `report`, `settings` and
+`train`; none of them imports it back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,18 +26,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from agre_jax import errors, report, settings, sweep, train, workdir
+from agre_jax import errors, launch, report, settings, sweep, train, workdir
+from agre_jax.launch import Run
 from agre_jax.sweep import SweepError
 
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One variant x seed: its directory and its complete config."""
-
-    variant: str
-    seed: int
-    directory: Path
-    config: ml_collections.ConfigDict
+__all__ = ["Run", "plan", "report_location", "run_sweep", "status"]
 
 
 def plan(config: ml_collections.ConfigDict, sweep_dir: str | Path) -> list[Run]:
@@ -95,14 +90,16 @@ def run_sweep(
     source: str = "",
     train_fn: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """Runs (or resumes) every run of the sweep and writes its report.
+    """Runs (or resumes) every run of the sweep and writes its report: in this process, or
+    as jobs (`sweep.launcher` 'local' or 'slurm', `launch.run_jobs`).
 
     Args:
       config: a sweep config (see `sweep.define`).
       sweep_dir: the sweep's directory.
       overwrite: rerun runs whose directory holds another config (else SweepError).
       source: the config file argument, for the report.
-      train_fn: `(config, run_dir, overwrite=) -> report`; default `train.train_and_evaluate`.
+      train_fn: `(config, run_dir, overwrite=) -> report`; default `train.train_and_evaluate`
+        (picklable with the job launchers: it runs in the jobs).
 
     Returns:
       The report (`report.write_report`) plus 'outcomes' (this invocation's runs: variant,
@@ -110,12 +107,14 @@ def run_sweep(
       input (an `errors.UserError`: config, data, workdir, checkpoint), else 1.
 
     Raises:
-      SweepError: the sweep or one of its run configs is invalid, or runs were made with
-        another config and `overwrite` is false; nothing has run then.
+      SweepError: the sweep, its launcher settings or one of its run configs is invalid, or
+        runs were made with another config and `overwrite` is false, or the machine lacks
+        what the launcher needs (GPUs, SLURM's commands); nothing has run then.
     """
-    train_fn = train_fn or train.train_and_evaluate
     sweep_dir = Path(sweep_dir)
     spec = sweep.spec_of(config, source)
+    launcher = sweep.launcher_of(config)
+    launch.leave_accelerators_to_jobs(launcher)
     runs = plan(config, sweep_dir)
     states = [status(r) for r in runs]
     changed = [r for r, s in zip(runs, states, strict=True) if s == "changed"]
@@ -126,33 +125,38 @@ def run_sweep(
             f"config ({names}{' ...' if len(changed) > 6 else ''}). Use another --workdir, or "
             "pass --overwrite to rerun them (shared teacher and DFR stages are kept)."
         )
+    slots = launch.check_machine(launcher)  # the local GPUs, SLURM's commands
     workdir.write_json(sweep_dir / sweep.SPEC_FILE, {**spec, "config": workdir.config_dict(config)})
-    if config.sweep.get("compilation_cache", True):
-        _use_compilation_cache(sweep_dir / sweep.COMPILATION_CACHE)
-    outcomes = []
-    for i, (run, state) in enumerate(zip(runs, states, strict=True)):
-        tag = f"[sweep] run {i + 1}/{len(runs)}: {run.variant} seed {run.seed}"
-        if state == "done":
-            print(f"{tag}: finished earlier, skipped")
-            outcomes.append({"variant": run.variant, "seed": run.seed, "status": "skipped"})
-            continue
-        print(f"{tag} ({state}) -> {run.directory}")
-        error_file = run.directory / sweep.ERROR_FILE
-        error_file.unlink(missing_ok=True)
-        outcome = {"variant": run.variant, "seed": run.seed, "status": "done"}
-        try:
-            train_fn(run.config, run.directory, overwrite=state == "changed")
-        except Exception as e:  # noqa: BLE001 -- one failed run must not stop the sweep
-            message = f"{type(e).__name__}: {e}"
-            workdir.atomic_write_text(error_file, f"{message}\n\n{traceback.format_exc()}")
-            print(f"{tag} failed: {message} (traceback in {error_file})", file=sys.stderr)
-            bad_input = isinstance(e, errors.UserError)
-            outcome.update(status="failed", error=message, bad_input=bad_input)
-        outcomes.append(outcome)
-        try:  # the tables so far (cheap); a report problem must not stop the training
-            report.write_report(sweep_dir, plots=False)
-        except Exception as e:  # noqa: BLE001
-            print(f"[sweep] warning: could not write the report yet: {e}", file=sys.stderr)
+    train_fn = train_fn or train.train_and_evaluate
+    cache = (
+        sweep_dir / sweep.COMPILATION_CACHE if config.sweep.get("compilation_cache", True) else None
+    )
+    if launcher["launcher"] != "inline":
+        outcomes = launch.run_jobs(
+            runs,
+            states,
+            sweep_dir,
+            launcher,
+            train_fn,
+            slots=slots,
+            name=f"sweep-{spec['name']}",
+            compilation_cache=str(cache.absolute()) if cache else "",
+            after_each=lambda: _report_so_far(sweep_dir),
+        )
+    else:
+        if cache:
+            _use_compilation_cache(cache)
+        outcomes = []
+        for i, (run, state) in enumerate(zip(runs, states, strict=True)):
+            tag = f"[sweep] run {i + 1}/{len(runs)}: {run.variant} seed {run.seed}"
+            if state == "done":
+                print(f"{tag}: finished earlier, skipped")
+                outcomes.append({"variant": run.variant, "seed": run.seed, "status": "skipped"})
+                continue
+            print(f"{tag} ({state}) -> {run.directory}")
+            outcome = launch.run_one(run.config, run.directory, state == "changed", train_fn)
+            outcomes.append({"variant": run.variant, "seed": run.seed, **outcome})
+            _report_so_far(sweep_dir)
     result = report.write_report(sweep_dir)
     failed = [o for o in outcomes if o["status"] == "failed"]
     if any(o["bad_input"] for o in failed):
@@ -166,6 +170,14 @@ def run_sweep(
         )
     print(report_location(sweep_dir, result.get("plots", ())))
     return {**result, "outcomes": outcomes, "exit_code": exit_code}
+
+
+def _report_so_far(sweep_dir: Path) -> None:
+    """The tables so far (cheap); a report problem must not stop the training."""
+    try:
+        report.write_report(sweep_dir, plots=False)
+    except Exception as e:  # noqa: BLE001
+        print(f"[sweep] warning: could not write the report yet: {e}", file=sys.stderr)
 
 
 def report_location(sweep_dir: Path, plots: Any = ()) -> str:
