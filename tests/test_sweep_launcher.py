@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import cloudpickle
@@ -26,9 +27,9 @@ import submitit
 from absl import flags
 from inprocess import main_module, run_main
 from submitit.slurm import slurm as submitit_slurm
-from test_sweep import fake_results
+from test_sweep import SWEEP_CONFIGS, fake_results
 
-from agre_jax import launch, sweep, sweep_runner, workdir
+from agre_jax import launch, stages, sweep, sweep_runner, workdir
 from configs import tiny
 
 
@@ -192,6 +193,19 @@ def test_stage_groups_ignore_only_the_students_keys():
     groups = {(r.variant, r.seed): launch.stage_group(r.config) for r in runs}
     assert groups["a", 0] == groups["a", 1] == groups["b", 0] == groups["b", 1]
     assert groups["c", 0] == groups["c", 1] != groups["a", 0]
+
+
+@pytest.mark.parametrize("name", SWEEP_CONFIGS)
+def test_runs_of_one_stage_group_have_the_same_stage_keys(tmp_path, name):
+    """The grouping's premise on every sweep config: runs that differ only in STUDENT_KEYS
+    have the same teacher, DFR and teacher-group stage keys (given the same data)."""
+    config = __import__(f"configs.sweeps.{name}", fromlist=["get_config"]).get_config(None)
+    data = types.SimpleNamespace(key="the-data")
+    keys = {}
+    for run in sweep_runner.plan(config, tmp_path):
+        k = stages.stage_keys(run.config, data)
+        keys.setdefault(launch.stage_group(run.config), set()).add((k.teachers, k.dfr, k.groups))
+    assert all(len(v) == 1 for v in keys.values()), keys
 
 
 # ---------------------------------------------------------------- SLURM (no real SLURM)
