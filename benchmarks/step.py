@@ -156,20 +156,30 @@ def build(
     return Setup(mdl, cfg, tx, state, frozen, batch, rng)
 
 
-def time_ours(setup: Setup, steps: int) -> dict[str, float]:
+def time_ours(setup: Setup, steps: int, *, pmap: bool = False) -> dict[str, float]:
     """Compiles and runs our step: compile time, median of `steps` timed steps after one
-    warm-up, planned peak memory, first-step loss. Consumes `setup.state` (donated)."""
-    step = distill.compile_step(setup.mdl, setup.cfg, setup.tx, pmap=False)
+    warm-up, planned peak memory, first-step loss. Consumes `setup.state` (donated).
+
+    With `pmap` the step runs as a run's does over every local device
+    (agre_jax/stages.py's distillation): state and frozen variables replicated, the batch
+    split into [devices, B / devices, ...], the step's key replicated at every step (timed);
+    the planned peak memory is then per device, as XLA reports it."""
+    step = distill.compile_step(setup.mdl, setup.cfg, setup.tx, pmap=pmap)
     state, frozen, batch, rng = setup.state, setup.frozen, setup.batch, setup.rng
+    key = distill.replicate if pmap else (lambda k: k)
+    if pmap:
+        n = jax.local_device_count()
+        state, frozen = distill.replicate(state), distill.replicate(frozen)
+        batch = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
     t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch, rng).compile()
+    compiled = step.lower(state, frozen, batch, key(rng)).compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, frozen, batch, rng)
-    first_loss = float(metrics["loss"])
+    state, metrics = compiled(state, frozen, batch, key(rng))
+    first_loss = _scalar(metrics["loss"])
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, frozen, batch, jax.random.fold_in(rng, i))
+        state, metrics = compiled(state, frozen, batch, key(jax.random.fold_in(rng, i)))
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     return dict(
@@ -177,8 +187,13 @@ def time_ours(setup: Setup, steps: int) -> dict[str, float]:
         step_s=statistics.median(times),
         peak_gb=_peak_bytes(compiled) / 2**30,
         first_loss=first_loss,
-        loss=float(metrics["loss"]),
+        loss=_scalar(metrics["loss"]),
     )
+
+
+def _scalar(x: jax.Array) -> float:
+    """A metric as a float: under pmap every device holds the same (pmean'd) value."""
+    return float(np.asarray(x).reshape(-1)[0])
 
 
 # --- PyTorch reference ------------------------------------------------------------------
