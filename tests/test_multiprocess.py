@@ -1,0 +1,185 @@
+"""Multi-process runs (agre_jax/distributed.py) through the real main.py: processes on
+localhost, CPU collectives over gloo, against one process of the same global batch.
+
+One module fixture trains the reference (1 process x 4 devices, which also trains the
+shared teacher and DFR stages); the tests then distil the same config as 2 processes x 2
+devices, uninterrupted and killed mid-distillation and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from agre_jax import checkpoints, distributed
+from configs import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny config: 30 distillation steps, a checkpoint every 5. The processes' all-reduces
+# (gloo) sum in another order than one process's: the students differ by float rounding,
+# 7e-7 at most after these 30 steps (2e-6 after 60).
+ARGS = ["--config", "configs/tiny.py", "--config.progress=False"]
+HEARTBEAT_S = 10
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir: Path, stages: Path, processes: int, devices: int) -> list[subprocess.Popen]:
+    """`processes` main.py processes of one run, each with `devices` CPU devices; their
+    output goes to files (`<workdir>.p<k>.out` / `.err`: pipes could fill and block one)."""
+    port = _free_port()
+    procs = []
+    for p in range(processes):
+        extra = []
+        if processes > 1:
+            extra = [
+                f"--config.distributed.num_processes={processes}",
+                f"--config.distributed.process_id={p}",
+                f"--config.distributed.coordinator=localhost:{port}",
+                f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
+            ]
+        with open(f"{workdir}.p{p}.out", "w") as out, open(f"{workdir}.p{p}.err", "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "main.py", *ARGS, f"--workdir={workdir}"]
+                + [f"--config.stage_dir={stages}", *extra],
+                cwd=ROOT,
+                env=_env(devices),
+                stdout=out,
+                stderr=err,
+            )
+        proc.logs = (Path(f"{workdir}.p{p}.out"), Path(f"{workdir}.p{p}.err"))
+        procs.append(proc)
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each process, once it has ended."""
+    codes = [p.wait(timeout) for p in procs]
+    return [
+        (c, p.logs[0].read_text(), p.logs[1].read_text()) for c, p in zip(codes, procs, strict=True)
+    ]
+
+
+def _student(workdir: Path, which: str = "student_last") -> dict:
+    return checkpoints.load_variables(workdir / "distill" / which)[0]
+
+
+def _assert_close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
+    assert max(jax.tree.leaves(diffs)) <= atol, diffs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """1 process x 4 devices: the run the multi-process ones must equal."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    ((code, out, err),) = _finish(_start(root / "one", root / "stages", 1, 4))
+    assert code == 0, err[-3000:]
+    return root
+
+
+def test_two_processes_equal_one(reference):
+    root = reference
+    results = _finish(_start(root / "two", root / "stages", 2, 2))
+    for p, (code, _, err) in enumerate(results):
+        assert code == 0, f"process {p}: {err[-3000:]}"
+    out0, out1 = results[0][1], results[1][1]
+    assert "[distill] pmap over 2 devices in each of 2 processes, 4 examples each" in out0
+    assert "[teachers] reusing" in out0 and "| student (best val WGA) |" in out0
+    assert out1 == ""  # process 0 prints (and writes) for the run
+    for which in ("student_last", "student_best"):
+        _assert_close(_student(root / "two", which), _student(root / "one", which))
+    one = json.loads((root / "one" / "results.json").read_text())
+    two = json.loads((root / "two" / "results.json").read_text())
+    for name in ("student (best val WGA)", "student (last)"):
+        assert two["test"][name] == one["test"][name]
+    # One writer: one record per step in the metrics, one set of TensorBoard events.
+    records = [json.loads(line) for line in (root / "two/distill/metrics.jsonl").open()]
+    keys = [(r["kind"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys))
+    assert len(list((root / "two/distill/tensorboard").iterdir())) == 1
+
+
+def test_killed_process_stops_the_other_and_the_rerun_resumes(reference):
+    root = reference
+    workdir = root / "killed"
+    procs = _start(workdir, root / "stages", 2, 2)
+    first = workdir / "distill" / "checkpoints" / "5"
+    deadline = time.time() + 600
+    while not first.exists():
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].logs[1].read_text()
+        time.sleep(0.05)
+    # Stop process 1 at once (process 0 then waits in the next collective), then kill it.
+    procs[1].send_signal(signal.SIGSTOP)
+    procs[1].kill()
+    killed_at = time.time()
+    code, _, err = _finish(procs[:1], timeout=120)[0]
+    elapsed = time.time() - killed_at
+    procs[1].wait()
+    assert code != 0
+    assert elapsed < 60, elapsed
+    assert "another task died" in err or "unhealthy" in err, err[-2000:]
+    assert not (workdir / "results.json").exists()
+
+    results = _finish(_start(workdir, root / "stages", 2, 2))
+    for p, (code, _, err) in enumerate(results):
+        assert code == 0, f"process {p}: {err[-3000:]}"
+    assert "[distill] resuming from the checkpoint at step" in results[0][1]
+    for which in ("student_last", "student_best"):
+        _assert_close(_student(workdir, which), _student(root / "one", which))
+
+
+def _config(**distributed_keys):
+    c = tiny.get_config()
+    c.distributed.update(distributed_keys)
+    return c
+
+
+def test_spec_from_config_and_launcher():
+    assert distributed.spec(_config(), environ={}) is None  # one process
+    assert distributed.spec(_config(num_processes=1), environ={"SLURM_NTASKS": "4"}) is None
+    s = distributed.spec(_config(num_processes=2, process_id=1, coordinator="h:123"), environ={})
+    assert (s.coordinator, s.num_processes, s.process_id) == ("h:123", 2, 1)
+    # 'auto' under a launcher of several tasks: jax.distributed reads the launcher's variables.
+    s = distributed.spec(_config(), environ={"SLURM_NTASKS": "2"})
+    assert (s.coordinator, s.num_processes, s.process_id) == ("", 0, -1)
+    assert distributed.spec(_config(), environ={"SLURM_NTASKS": "1"}) is None
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (dict(num_processes=-1), "distributed.num_processes is -1"),
+        (dict(num_processes=2, process_id=2, coordinator="h:1"), "distributed.process_id is 2"),
+        (dict(num_processes=2, process_id=0), "distributed.coordinator is ''"),
+        (dict(num_processes=2, process_id=0, coordinator="host"), "expected 'host:port'"),
+        (dict(heartbeat_timeout_s=0), "distributed.heartbeat_timeout_s is 0"),
+    ],
+)
+def test_bad_distributed_config(keys, message):
+    from agre_jax import errors
+
+    with pytest.raises(errors.ConfigError, match=message):
+        distributed.spec(_config(**keys), environ={})
