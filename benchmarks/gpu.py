@@ -220,8 +220,11 @@ def _print_row(cells: Sequence[str]) -> None:
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
-def run_table(quick: bool, steps: int, timeout_s: float) -> dict[int, dict]:
-    """Every row within the budget, each printed as it comes; returns them by index."""
+def run_table(
+    quick: bool, steps: int, timeout_s: float, rows: Sequence[int] = ()
+) -> dict[int, dict]:
+    """Every row (or the 1-based `rows` only) within the budget, each printed as it comes;
+    returns them by index."""
     sizes = QUICK if quick else FULL
     start = time.monotonic()
     print(
@@ -235,11 +238,12 @@ def run_table(quick: bool, steps: int, timeout_s: float) -> dict[int, dict]:
     header_done = False
     for i, row in enumerate(ROWS):
         left = timeout_s - (time.monotonic() - start)
-        r = (
-            run_row(i, quick, steps, left)
-            if left >= MIN_ROW_S
-            else {"status": "skipped (time budget spent)"}
-        )
+        if rows and i + 1 not in rows:
+            r = {"status": "not selected (--rows)"}
+        elif left >= MIN_ROW_S:
+            r = run_row(i, quick, steps, left)
+        else:
+            r = {"status": "skipped (time budget spent)"}
         results[i] = r
         if not header_done and "device_kind" in r:
             print(
@@ -284,12 +288,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="time budget: no row starts after it, the one running is stopped (default 450)",
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=(), help="measure these rows only (1-based)"
+    )
     parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # a child
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = (QUICK if args.quick else FULL).steps
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if any(not 1 <= r <= len(ROWS) for r in args.rows):
+        parser.error(f"--rows must be in 1..{len(ROWS)}")
     if args.row is not None and not 0 <= args.row < len(ROWS):
         parser.error(f"--row must be in 0..{len(ROWS) - 1}")
     return args
@@ -302,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    results = run_table(args.quick, args.steps, args.timeout_s)
+    results = run_table(args.quick, args.steps, args.timeout_s, args.rows)
     return 0 if any("step_s" in r for r in results.values()) else 1
 
 

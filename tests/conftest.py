@@ -41,6 +41,8 @@ import torchvision  # noqa: E402,F401
 # (the Makefile passes --no-loadscope-reorder; by default xdist orders files by their number
 # of tests, which put these few-test, long files last and left one worker idle at the end).
 LONGEST_FIRST = (
+    "test_multiprocess.py",
+    "test_sweep_launcher.py",
     "test_main.py",
     "test_sweep.py",
     "test_distill.py",
@@ -51,6 +53,9 @@ LONGEST_FIRST = (
     "test_pretrain.py",
     "test_bad_inputs.py",
     "test_convert.py",
+    "test_gpu_benchmark.py",
+    "test_device_input.py",
+    "test_bf16.py",
 )
 
 
