@@ -31,7 +31,8 @@ def get_config(arg=None):
     return sweep.define(
         multilayer_c.get_config(arg),
         name="methods_multilayer",
-        title="Teacher weightings (AGRE-KD, logit-space AGRE-KD, agre_batch, AVER, random) with multi-layer feature distillation (C)",
+        title="Teacher weightings (AGRE-KD, logit-space AGRE-KD, agre_batch, AVER, random) "
+        "with multi-layer feature distillation (C)",
         variants=variants,
         baseline="agre",
         base_name="configs/multilayer_c.py",
