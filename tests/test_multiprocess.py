@@ -1,9 +1,12 @@
 """Multi-process runs (agre_jax/distributed.py) through the real main.py: processes on
 localhost, CPU collectives over gloo, against one process of the same global batch.
 
-One module fixture trains the reference (1 process x 4 devices, which also trains the
-shared teacher and DFR stages); the tests then distil the same config as 2 processes x 2
-devices, uninterrupted and killed mid-distillation and resumed.
+The reference is 1 process x 4 devices (it also trains the shared teacher and DFR stages).
+The same config then runs as 2 processes x 2 devices, killed mid-distillation and rerun: a
+resumed run equals an uninterrupted one (checkpoints hold the exact state and the batches
+depend on (seed, epoch) alone; tests/test_main.py checks that in one process), so the rerun's
+student is compared with the reference's, which checks the multi-process distillation and its
+resume in one run (an uninterrupted 2 x 2 run gave a max difference of 7.2e-7 by hand).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ HEARTBEAT_S = 10
 
 
 def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    return env
+    """The test session's environment (its XLA options and compilation cache, conftest.py)
+    with `devices` CPU devices per process."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return {
+        **os.environ,
+        "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+        "JAX_PLATFORMS": "cpu",
+    }
 
 
 def _free_port() -> int:
@@ -91,40 +97,12 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-6) -> None:
     assert max(jax.tree.leaves(diffs)) <= atol, diffs
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """1 process x 4 devices: the run the multi-process ones must equal."""
-    root = tmp_path_factory.mktemp("multiprocess")
-    ((code, out, err),) = _finish(_start(root / "one", root / "stages", 1, 4))
+def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
+    root = tmp_path
+    ((code, _, err),) = _finish(_start(root / "one", root / "stages", 1, 4))
     assert code == 0, err[-3000:]
-    return root
 
-
-def test_two_processes_equal_one(reference):
-    root = reference
-    results = _finish(_start(root / "two", root / "stages", 2, 2))
-    for p, (code, _, err) in enumerate(results):
-        assert code == 0, f"process {p}: {err[-3000:]}"
-    out0, out1 = results[0][1], results[1][1]
-    assert "[distill] pmap over 2 devices in each of 2 processes, 4 examples each" in out0
-    assert "[teachers] reusing" in out0 and "| student (best val WGA) |" in out0
-    assert out1 == ""  # process 0 prints (and writes) for the run
-    for which in ("student_last", "student_best"):
-        _assert_close(_student(root / "two", which), _student(root / "one", which))
-    one = json.loads((root / "one" / "results.json").read_text())
-    two = json.loads((root / "two" / "results.json").read_text())
-    for name in ("student (best val WGA)", "student (last)"):
-        assert two["test"][name] == one["test"][name]
-    # One writer: one record per step in the metrics, one set of TensorBoard events.
-    records = [json.loads(line) for line in (root / "two/distill/metrics.jsonl").open()]
-    keys = [(r["kind"], r["step"]) for r in records]
-    assert len(keys) == len(set(keys))
-    assert len(list((root / "two/distill/tensorboard").iterdir())) == 1
-
-
-def test_killed_process_stops_the_other_and_the_rerun_resumes(reference):
-    root = reference
-    workdir = root / "killed"
+    workdir = root / "two"
     procs = _start(workdir, root / "stages", 2, 2)
     first = workdir / "distill" / "checkpoints" / "5"
     deadline = time.time() + 600
@@ -146,9 +124,22 @@ def test_killed_process_stops_the_other_and_the_rerun_resumes(reference):
     results = _finish(_start(workdir, root / "stages", 2, 2))
     for p, (code, _, err) in enumerate(results):
         assert code == 0, f"process {p}: {err[-3000:]}"
-    assert "[distill] resuming from the checkpoint at step" in results[0][1]
+    out0, out1 = results[0][1], results[1][1]
+    assert "[distill] pmap over 2 devices in each of 2 processes, 4 examples each" in out0
+    assert "[teachers] reusing" in out0 and "| student (best val WGA) |" in out0
+    assert "[distill] resuming from the checkpoint at step" in out0
+    assert out1 == ""  # process 0 prints (and writes) for the run
     for which in ("student_last", "student_best"):
         _assert_close(_student(workdir, which), _student(root / "one", which))
+    one = json.loads((root / "one" / "results.json").read_text())
+    two = json.loads((workdir / "results.json").read_text())
+    for name in ("student (best val WGA)", "student (last)"):
+        assert two["test"][name] == one["test"][name]
+    # One writer: one record per step in the metrics, one TensorBoard file per attempt.
+    records = [json.loads(line) for line in (workdir / "distill/metrics.jsonl").open()]
+    keys = [(r["kind"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)) and max(k[1] for k in keys) == 30
+    assert len(list((workdir / "distill/tensorboard").iterdir())) == 2
 
 
 def _config(**distributed_keys):
