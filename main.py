@@ -16,6 +16,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 
@@ -125,7 +126,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    from agre_jax import distributed, errors, loop, sweep_runner, train
+    from agre_jax import distributed, errors, loop, sweep_runner, train, workdir
 
     config = flag_values.config
     source = getattr(flag_values["config"], "config_filename", "") or ""
@@ -136,12 +137,15 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
         if spec is not None and "sweep" in config:
             raise errors.ConfigError(
                 "a sweep runs each of its runs as one job; launch the sweep as one process "
-                "(distributed.num_processes 0 or 1) and spread its runs with sweep.launcher"
+                "(distributed.num_processes=1, which also overrides SLURM / Open MPI task "
+                "counts) and spread its runs with sweep.launcher"
             )
-        distributed.initialize(spec)
-        if not distributed.is_primary():  # process 0 prints for the run (C++ libraries too)
-            sys.stdout.flush()
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if spec is not None:  # (one process: no JAX backend starts here; see sweep_runner)
+            distributed.initialize(spec)
+            distributed.check_same_config(json.dumps(workdir.config_dict(config), sort_keys=True))
+            if not distributed.is_primary():  # process 0 prints for the run (C++ too)
+                sys.stdout.flush()
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if "sweep" in config:
             return sweep_runner.run_sweep(config, run_dir, flag_values.overwrite, source)[
                 "exit_code"

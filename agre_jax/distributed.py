@@ -38,6 +38,7 @@ from agre_jax import errors
 # Launchers whose environment says how many tasks make up the job (jax.distributed reads the
 # rest of the cluster's description from them).
 _LAUNCHER_SIZES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_MAX_TIMEOUT_S = 7 * 24 * 3600  # JAX takes time-outs as 32-bit milliseconds
 # How long a process waits for process 0's single-device stages (it may train teachers).
 _WAIT_MS = 7 * 24 * 3600 * 1000
 
@@ -81,16 +82,26 @@ def spec(
         problems.append(f"distributed.num_processes is {n}; expected 0 (auto) or >= 1")
     if n > 1 and not 0 <= pid < n:
         problems.append(f"distributed.process_id is {pid}; expected 0..{n - 1}")
-    if n > 1 and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
+    host, _, port = coordinator.rpartition(":")
+    if n > 1 and not (host.strip() == host != "" and port.isdigit() and 1 <= int(port) <= 65535):
         problems.append(
-            f"distributed.coordinator is {coordinator!r}; expected 'host:port' of process 0"
+            f"distributed.coordinator is {coordinator!r}; expected 'host:port' of process 0 "
+            "(port 1-65535)"
+        )
+    if n in (0, 1) and (pid != -1 or coordinator):
+        problems.append(
+            f"distributed.process_id ({pid}) / coordinator ({coordinator!r}) are set but "
+            f"distributed.num_processes is {n}; set num_processes to the number of processes "
+            "(or leave all three at their defaults)"
         )
     for key in ("initialization_timeout_s", "heartbeat_timeout_s"):
-        if int(d[key]) < 1:
-            problems.append(f"distributed.{key} is {d[key]}; expected seconds >= 1")
+        if not 1 <= int(d[key]) <= _MAX_TIMEOUT_S:
+            problems.append(
+                f"distributed.{key} is {d[key]}; expected seconds in 1..{_MAX_TIMEOUT_S}"
+            )
     if problems:
         raise errors.ConfigError("invalid config: " + "; ".join(problems))
-    launched = any(int(environ.get(k, "1") or 1) > 1 for k in _LAUNCHER_SIZES)
+    launched = any(_tasks(environ.get(k, "")) > 1 for k in _LAUNCHER_SIZES)
     if n == 1 or (n == 0 and not launched):
         return None
     return Spec(
@@ -102,20 +113,67 @@ def spec(
     )
 
 
+def _tasks(value: str) -> int:
+    """A launcher's task count from its environment variable (1 when unset or not a number)."""
+    return int(value) if value.strip().isdigit() else 1
+
+
 def initialize(s: Spec | None) -> None:
-    """Joins the multi-process run `s` (no-op for None). Call it before any JAX computation."""
+    """Joins the multi-process run `s` (no-op for None). Call it before any JAX computation.
+
+    Raises:
+      errors.ConfigError: the launcher's environment does not describe the cluster (e.g.
+        SLURM_NTASKS > 1 outside `srun`).
+
+    A coordinator that never answers makes JAX abort the process (exit status 134) after
+    `initialization_timeout_s`, with its own message; that cannot be caught here.
+    """
     if s is None:
         return
     explicit = s.num_processes > 1
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=s.coordinator if explicit else None,
-        num_processes=s.num_processes if explicit else None,
-        process_id=s.process_id if explicit else None,
-        initialization_timeout=s.initialization_timeout_s,
-        heartbeat_timeout_seconds=s.heartbeat_timeout_s,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=s.coordinator if explicit else None,
+            num_processes=s.num_processes if explicit else None,
+            process_id=s.process_id if explicit else None,
+            initialization_timeout=s.initialization_timeout_s,
+            heartbeat_timeout_seconds=s.heartbeat_timeout_s,
+        )
+    except ValueError as e:  # auto-detection found no cluster description
+        tasks = {k: os.environ[k] for k in _LAUNCHER_SIZES if k in os.environ}
+        raise errors.ConfigError(
+            f"cannot start a multi-process run from the launcher's environment {tasks} ({e}); "
+            "launch every process with srun / mpirun, or set distributed.num_processes, "
+            "process_id and coordinator, or distributed.num_processes=1 for one process"
+        ) from e
+
+
+def check_same_config(config_json: str) -> None:
+    """Process 0 publishes its config; the others compare theirs (one process: nothing).
+
+    Raises:
+      errors.ConfigError: this process was started with another config than process 0.
+    """
+    if jax.process_count() == 1:
+        return
+    client, key = _client(), "agre_jax/config"
+    if is_primary():
+        client.key_value_set(key, config_json)
+        return
+    import json
+
+    from agre_jax import workdir
+
+    theirs = json.loads(client.blocking_key_value_get(key, 600_000))
+    diff = workdir.config_differences(theirs, json.loads(config_json))
+    if diff:
+        raise errors.ConfigError(
+            f"process {jax.process_index()} was started with another config than process 0 "
+            f"(differences: {', '.join(sorted(diff)[:8])}); start every process with the same "
+            "arguments but distributed.process_id"
+        )
 
 
 def is_primary() -> bool:

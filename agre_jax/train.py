@@ -318,4 +318,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     out["devices"] = f"{jax.local_device_count()} x {jax.devices()[0].device_kind}"
+    if jax.process_count() > 1:
+        out["devices"] += f" in each of {jax.process_count()} processes"
     return out

@@ -157,6 +157,7 @@ def test_spec_from_config_and_launcher():
     s = distributed.spec(_config(), environ={"SLURM_NTASKS": "2"})
     assert (s.coordinator, s.num_processes, s.process_id) == ("", 0, -1)
     assert distributed.spec(_config(), environ={"SLURM_NTASKS": "1"}) is None
+    assert distributed.spec(_config(), environ={"SLURM_NTASKS": "two"}) is None
 
 
 @pytest.mark.parametrize(
@@ -167,6 +168,11 @@ def test_spec_from_config_and_launcher():
         (dict(num_processes=2, process_id=0), "distributed.coordinator is ''"),
         (dict(num_processes=2, process_id=0, coordinator="host"), "expected 'host:port'"),
         (dict(heartbeat_timeout_s=0), "distributed.heartbeat_timeout_s is 0"),
+        (dict(initialization_timeout_s=10**11), "expected seconds in 1..604800"),
+        (dict(num_processes=2, process_id=0, coordinator="h:99999"), "port 1-65535"),
+        (dict(num_processes=2, process_id=0, coordinator=":1234"), "expected 'host:port'"),
+        (dict(process_id=1, coordinator="h:1"), "but distributed.num_processes is 0"),
+        (dict(num_processes=1, process_id=0), "but distributed.num_processes is 1"),
     ],
 )
 def test_bad_distributed_config(keys, message):
