@@ -9,18 +9,10 @@ stage. The feature loss is weighted like the logits (`distill.feature_weighting`
 
 from agre_jax import sweep
 from configs import multilayer_c
+from configs.sweeps import methods
 
-# variant -> (overrides, label); the first three names are those of earlier sweeps.
-METHODS = {
-    "agre": ({"distill.weighting": "agre"}, "AGRE-KD"),
-    "aver": ({"distill.weighting": "aver"}, "AVER"),
-    "random": ({"distill.weighting": "random"}, "random"),
-    "agre_logit": (
-        {"distill.weighting": "agre", "distill.grad_scope": "last_layer"},
-        "AGRE-KD (logit space)",
-    ),
-    "agre_batch": ({"distill.weighting": "agre_batch"}, "agre_batch"),
-}
+# variant -> (overrides, label): methods.py's weightings (AE-KD aside), by the same names.
+METHODS = {k: methods.METHODS[k] for k in ("agre", "aver", "random", "agre_logit", "agre_batch")}
 
 
 def get_config(arg=None):
