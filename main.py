@@ -16,7 +16,6 @@ keeps its traceback.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 
@@ -142,7 +141,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
             )
         if spec is not None:  # (one process: no JAX backend starts here; see sweep_runner)
             distributed.initialize(spec)
-            distributed.check_same_config(json.dumps(workdir.config_dict(config), sort_keys=True))
+            distributed.check_same_config(workdir.config_dict(config), workdir.config_differences)
             if not distributed.is_primary():  # process 0 prints for the run (C++ too)
                 sys.stdout.flush()
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,8 +25,9 @@ The design, in one place:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -150,8 +151,13 @@ def initialize(s: Spec | None) -> None:
         ) from e
 
 
-def check_same_config(config_json: str) -> None:
+def check_same_config(config: Mapping[str, Any], differences: Callable[[Any, Any], Any]) -> None:
     """Process 0 publishes its config; the others compare theirs (one process: nothing).
+
+    Args:
+      config: this process's config as JSON-compatible data (`workdir.config_dict`).
+      differences: `(theirs, ours) -> names of the settings that differ` (the run's identity
+        rules, `workdir.config_differences`; passed in so this module imports no workdir).
 
     Raises:
       errors.ConfigError: this process was started with another config than process 0.
@@ -159,15 +165,12 @@ def check_same_config(config_json: str) -> None:
     if jax.process_count() == 1:
         return
     client, key = _client(), "agre_jax/config"
+    config_json = json.dumps(config, sort_keys=True)
     if is_primary():
         client.key_value_set(key, config_json)
         return
-    import json
-
-    from agre_jax import workdir
-
     theirs = json.loads(client.blocking_key_value_get(key, 600_000))
-    diff = workdir.config_differences(theirs, json.loads(config_json))
+    diff = differences(theirs, json.loads(config_json))
     if diff:
         raise errors.ConfigError(
             f"process {jax.process_index()} was started with another config than process 0 "

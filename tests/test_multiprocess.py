@@ -180,3 +180,33 @@ def test_bad_distributed_config(keys, message):
 
     with pytest.raises(errors.ConfigError, match=message):
         distributed.spec(_config(**keys), environ={})
+
+
+def test_a_process_with_another_config_is_refused(monkeypatch):
+    """Process 0 publishes its config in the coordination store; another process compares its
+    own with the run's identity rules (distributed.* may differ, anything else may not)."""
+    from agre_jax import errors, workdir
+
+    store: dict[str, str] = {}
+
+    class Client:
+        def key_value_set(self, key, value):
+            store[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            return store[key]
+
+    monkeypatch.setattr(distributed, "_client", Client)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    ours = tiny.get_config()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    distributed.check_same_config(workdir.config_dict(ours), workdir.config_differences)
+    assert "agre_jax/config" in store
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    same = tiny.get_config()
+    same.distributed.process_id = 1
+    distributed.check_same_config(workdir.config_dict(same), workdir.config_differences)
+    other = tiny.get_config()
+    other.distill.alpha = ours.distill.alpha + 1.0
+    with pytest.raises(errors.ConfigError, match=r"process 1 .*another config.*alpha"):
+        distributed.check_same_config(workdir.config_dict(other), workdir.config_differences)
