@@ -26,6 +26,9 @@ from agre_jax import dfr, distill, models, optim
 from agre_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.dtype 'auto': bfloat16 on these JAX backends, float32 on the others (the CPU).
+AUTO_DTYPE = "auto"
+BF16_BACKENDS = ("gpu", "tpu")
 PMAP_MODES = ("auto", "always", "never")
 DATASETS = ("spurious_shapes", "waterbirds", "celeba_groups", "colored_mnist")  # agre_jax.data
 # Every key that must be an integer >= 1, with what it counts.
@@ -61,11 +64,48 @@ class Layout:
     per_device_batch: int
 
 
-def dtype(name: str) -> Any:
-    """The compute dtype of a config's `dtype` name; raises ConfigError."""
+def dtype_name(name: str, backend: str | None = None) -> str:
+    """The concrete compute dtype name of a config's `dtype`: 'float32' and 'bfloat16' as
+    they are; 'auto' is 'bfloat16' on a GPU or TPU backend and 'float32' on the CPU.
+
+    Args:
+      name: config.dtype.
+      backend: the JAX backend that 'auto' is for (default `jax.default_backend()`, which
+        starts JAX's backend; read for 'auto' only).
+
+    Raises:
+      ConfigError: an unknown name.
+    """
+    if name == AUTO_DTYPE:
+        backend = jax.default_backend() if backend is None else backend
+        return "bfloat16" if backend in BF16_BACKENDS else "float32"
     if name not in DTYPES:
-        raise ConfigError(f"dtype is {name!r}; expected one of {tuple(DTYPES)}")
-    return DTYPES[name]
+        raise ConfigError(f"dtype is {name!r}; expected one of {(*DTYPES, AUTO_DTYPE)}")
+    return name
+
+
+def dtype(name: str) -> Any:
+    """The compute dtype of a config's `dtype` name (`dtype_name`); raises ConfigError."""
+    return DTYPES[dtype_name(name)]
+
+
+def resolve_dtype(
+    config: ml_collections.ConfigDict, backend: str | None = None
+) -> ml_collections.ConfigDict:
+    """`config` with dtype 'auto' replaced by its concrete name on `backend` (`dtype_name`;
+    default this process's), in a copy; `config` itself for any other value (`validate`
+    checks those).
+
+    Done once where a run starts (main.py; `launch.run_one` for a sweep's runs, in the job),
+    so that what identifies a run (its recorded config, its stage keys, the config compared
+    across processes) holds 'float32' or 'bfloat16': an 'auto' run on the CPU is a float32
+    run, with the same stages and workdir.
+    """
+    if config.dtype != AUTO_DTYPE:
+        return config
+    resolved = config.copy_and_resolve_references()
+    resolved.dtype = dtype_name(AUTO_DTYPE, backend)
+    return resolved
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -363,11 +403,16 @@ def _device_augment_problems(config: ml_collections.ConfigDict) -> list[str]:
     return []
 
 
-def validate(config: ml_collections.ConfigDict) -> Layout:
+def validate(config: ml_collections.ConfigDict, before_join: bool = False) -> Layout | None:
     """Checks everything that needs neither data nor disk and builds the static objects.
 
+    Args:
+      before_join: check all but the device layout, which needs the devices of every
+        process, and start no JAX backend: what main.py checks before the processes of a
+        multi-process run join (`jax.distributed.initialize` must come before any backend).
+
     Returns:
-      The device layout of the student's step.
+      The device layout of the student's step (None with `before_join`).
 
     Raises:
       ConfigError: one message listing every problem found, each naming the key, its value
@@ -376,10 +421,12 @@ def validate(config: ml_collections.ConfigDict) -> Layout:
     problems = _scalar_problems(config) + _data_problems(config)
     built = []
     for build in (
-        lambda: dtype(config.dtype),
+        # 'auto' checked as on the CPU: the models' shapes do not depend on the dtype, and
+        # resolving it would start JAX's backend.
+        lambda: DTYPES[dtype_name(config.dtype, backend="cpu")],
         lambda: distill_config(config),
         lambda: dfr_config(config),
-        lambda: layout(config),
+        *(() if before_join else (lambda: layout(config),)),
     ):
         try:
             built.append(build())
@@ -387,7 +434,8 @@ def validate(config: ml_collections.ConfigDict) -> Layout:
             problems.append(str(e))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
-    compute_dtype, dcfg, _, run_layout = built
+    compute_dtype, dcfg = built[:2]
+    run_layout = None if before_join else built[3]
     # The models and adapters, with a placeholder class count (checked against the data later).
     student = model(config.student, 2, compute_dtype)
     # A ported biased.checkpoint is checked once its files are read.
