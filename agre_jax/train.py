@@ -279,7 +279,7 @@ def write_report(
         "versions": versions(),
     }
     table = evaluation.format_table(
-        results,
+        _with_teacher_archs(results, teachers.members),
         data.group_names,
         title=f"{data.name}, test split; {SELECTION}; weighting {config.distill.weighting}",
     )
@@ -298,6 +298,21 @@ def write_report(
     wd.write_json(run_dir / "results.json", report)
     wd.atomic_write_text(run_dir / "results.md", text + "\n")
     return report
+
+
+def _with_teacher_archs(results: dict[str, dict], members: list[dict[str, Any]]) -> dict[str, dict]:
+    """results.md's rows: with teachers of several architectures, each "ERM/DFR teacher i" row
+    names its architecture (results.json keeps the plain names)."""
+    archs = [m.get("arch", "") for m in members]
+    if len(set(archs)) < 2:
+        return results
+    out = {}
+    for name, row in results.items():
+        kind, _, index = name.partition(" teacher ")
+        if kind in ("ERM", "DFR") and index.isdigit() and int(index) < len(archs):
+            name = f"{name} ({archs[int(index)]})"
+        out[name] = row
+    return out
 
 
 def versions() -> dict[str, str]:

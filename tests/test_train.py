@@ -185,6 +185,9 @@ def test_teachers_of_two_architectures(run, capsys, tmp_path):
     assert [p["reused"] for p in parts] == [True, False]
     members = report["models"]["teachers"]
     assert [m["arch"] for m in members] == ["resnet18", "resnet18", "resnet50"]
+    table = (tmp_path / "w" / "results.md").read_text()  # rows name their architecture
+    assert "| ERM teacher 1 (resnet18) |" in table and "| DFR teacher 2 (resnet50) |" in table
+    assert "ERM teacher 2" in report["test"]  # results.json keeps the plain names
     data = stages.load_data(config)
     keys = stages.stage_keys(config, data)
     assert keys.groups[0] == stages.stage_keys(small_config(), data).teachers
