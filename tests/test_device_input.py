@@ -5,11 +5,11 @@ reused, rebuilt when content or settings change, never read stale) and the confi
 Tolerances, in 0-255 levels (differences of normalised images times 255 * std):
 - crop windows: equal (a float32 port of the same operations).
 - decoded splits, and encoded ones whose images have the cache's size (not resampled into it):
-  1e-3 levels, float rounding (XLA fuses multiply-adds that TF rounds twice). Two documented
-  exceptions: TF's crop_and_resize fills an edge row or column with its extrapolation value
-  where float rounding puts the last sample past the last pixel (the device clamps), and
-  libjpeg's cropped decode (`decode_and_crop_jpeg`, the host's) differs from the full decode
-  (the cache's) in the crop's first and last columns (chroma upsampling at the crop edge).
+  1e-3 levels, float rounding (XLA fuses multiply-adds that TF rounds twice), everywhere:
+  both keep every sample inside the image (the host pads the edge, the device clamps). One
+  documented exception: libjpeg's cropped decode (`decode_and_crop_jpeg`, the host's) differs
+  from the full decode (the cache's) in the crop's first and last columns (chroma upsampling
+  at the crop edge).
 - images larger than the cache: resampled twice (to the cache with antialiasing, then to the
   output) where the host resamples once without antialiasing. On linear ramps, which both
   preserve, the mean signed difference measures any geometric offset: < 0.02 levels per image
@@ -122,17 +122,9 @@ def test_decoded_split_matches_the_host(shapes):
     raw = next(batch)
     assert raw["image"].dtype == np.uint8 and raw["image"].shape == (16, 32, 32, 3)
     assert "size" not in raw and raw["flip"].any() and not raw["flip"].all()
-    diff = np.abs(_diff(host, device))
-    # Lines TF filled with its extrapolation value 0 (float rounding past the last pixel): only
-    # the output's first or last row or column, never more than one per axis.
-    hosts = np.concatenate([h["image"] for h in host]).astype(np.float64) * LEVELS
-    zero = np.isclose(hosts, -np.array(pipeline.MEAN_RGB) * 255, atol=1e-3).all(-1)
-    rows, cols = zero.all(2), zero.all(1)  # [N, S]: whole output rows / columns at 0
-    assert not rows[:, 1:-1].any() and not cols[:, 1:-1].any()
-    assert rows.sum(1).max() <= 1 and cols.sum(1).max() <= 1
-    assert 0 < (rows.any(1) | cols.any(1)).mean() < 0.5
-    keep = ~(rows[:, :, None] | cols[:, None, :])
-    assert diff[keep].max() < 1e-3
+    # Everywhere, the windows ending at the last row or column included (at 32 -> 24 px TF's
+    # rounding put their last sample past it in 27 % of windows before the host's edge padding).
+    assert np.abs(_diff(host, device)).max() < 1e-3
 
 
 def test_encoded_split_at_the_cache_size_matches_the_host(tmp_path):

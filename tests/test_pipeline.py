@@ -136,6 +136,59 @@ def test_train_augmentation_is_identity_for_a_full_crop(shapes, monkeypatch):
     np.testing.assert_allclose(b["image"], expected, atol=1e-5)
 
 
+def _clamped_crops(images, y, x, h, w, size):
+    """Reference RandomResizedCrop resampling in float64: bilinear samples of uint8 `images`
+    [N, H, W, 3] at crop_and_resize's positions for the windows (y, x, h, w) [N] (corners on
+    pixel centres: y + i * (h - 1) / (size - 1)), clamped into the image -> [N, S, S, 3]."""
+
+    def axis(start, length, n):
+        pos = start + np.arange(size) * (length - 1) / (size - 1)
+        pos = np.clip(pos, 0, n - 1)
+        lower = np.floor(pos).astype(int)
+        return lower, np.minimum(lower + 1, n - 1), pos - lower
+
+    out = []
+    for image, *window in zip(images.astype(np.float64), y, x, h, w, strict=True):
+        y0, y1, ly = axis(window[0], window[2], image.shape[0])
+        x0, x1, lx = axis(window[1], window[3], image.shape[1])
+        rows = image[y0] + (image[y1] - image[y0]) * ly[:, None, None]
+        out.append(rows[:, x0] + (rows[:, x1] - rows[:, x0]) * lx[None, :, None])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(("side", "image_size"), [(32, 24), (32, 32), (28, 28)])
+def test_train_crops_at_the_image_edge_sample_inside_it(monkeypatch, side, image_size):
+    """Windows ending at the last row and column of 32 px images: crop_and_resize's last
+    sample, a float hair past the last pixel, filled its whole output line with 0 (27 % of
+    random windows at 32 -> 24 px, 3.6 % at 32 -> 32) before the images were edge-padded.
+    The augmented images equal a float64 clamped bilinear crop, up to float rounding (also at
+    28 px, padded by 5 to 33: only the first padded pixel may be read)."""
+    n = 32
+    images = np.random.default_rng(0).integers(1, 256, (n, side, side, 3), dtype=np.uint8)
+    split = pipeline.SplitData(
+        images=tf.constant(images), label=np.zeros(n, np.int32), place=np.zeros(n, np.int32),
+        group=np.zeros(n, np.int32), ids=np.arange(n).astype(str).astype(object),
+        num_groups=1, encoding=None,
+    )  # fmt: skip
+    area = np.linspace(0.7, 1.0, n, dtype=np.float32)
+    log_ratio = np.linspace(0.28, -0.28, n, dtype=np.float32)  # tall to wide, then none fits
+    params = {
+        "area": np.repeat(area[:, None], 10, 1),
+        "log_ratio": np.repeat(log_ratio[:, None], 10, 1),
+        "offset": np.full((n, 2), 0.9999, np.float32),  # the last free row and column
+        "flip": np.zeros(n, bool),
+    }
+    monkeypatch.setattr(pipeline, "_augment_params", lambda *_: params)
+    y, x, h, w = (
+        np.asarray(v) for v in pipeline._crop_window(side, side, *list(params.values())[:3])
+    )
+    assert (y + h == side).all() and (x + w == side).all() and len(set(h)) > 5
+    batch = train(split, batch_size=n, image_size=image_size)[0]
+    pixels = batch["image"] * np.array(pipeline.STDDEV_RGB) + np.array(pipeline.MEAN_RGB)
+    expected = _clamped_crops(images[batch["index"]], y, x, h, w, image_size)
+    np.testing.assert_allclose(pixels * 255, expected, atol=1e-3)
+
+
 def test_crop_window():
     # 10 x 10 image: candidate 1 (area 1, ratio 2) does not fit; candidate 2 is 9 x 9.
     y, x, h, w = pipeline._crop_window(

@@ -14,8 +14,8 @@ of `pipeline._crop_window` on the ORIGINAL image size, and the host's bilinear f
 
 - decoded in-memory splits (the synthetic data): the cache is the split's own array, and the
   crop is `tf.image.crop_and_resize`'s (box corners on pixel centres), as `pipeline._batch_fn`
-  does it: equal to the host's images up to float rounding, except where TF's rounding put
-  an edge row's samples past the image and filled it with 0 (the device clamps them inside).
+  does it: equal to the host's images up to float rounding. Both keep every sample inside
+  the image (the host pads it with copies of its edge, the device clamps the positions).
 - encoded splits (JPEG/PNG: Waterbirds, CelebA): the host decodes the crop window and resizes
   it with `tf.image.resize` (half-pixel centres, no antialiasing). The cache holds every image
   decoded and resized once to a fixed `(Hc, Wc)` = (min(side, largest height), min(side,
@@ -317,8 +317,8 @@ def crop_windows(height, width, area, log_ratio, offset) -> tuple[jax.Array, ...
 
 def _div(a, b):
     """a / b as TensorFlow computes it: XLA rewrites a division by a constant into a
-    multiplication by the rounded reciprocal, which moved samples at the window's edge across
-    crop_and_resize's extrapolation boundary (a whole row off). The barrier hides the constant."""
+    multiplication by the rounded reciprocal, which moves sample positions by a rounding TF
+    does not make. The barrier hides the constant."""
     return a / jax.lax.optimization_barrier(b)
 
 
@@ -343,24 +343,23 @@ def _resize_axis(start, length, size, cached: int, out: int):
 
 
 def _crop_and_resize_axis(start, length, size: int, out: int):
-    """Sample rows along one axis as `tf.image.crop_and_resize` takes them for the box
-    [start, start + length - 1] (corners on pixel centres, normalised as pipeline._batch_fn
-    does): (lower index, lerp, inside [out]).
+    """Sample rows along one axis as `pipeline._batch_fn` takes them with
+    `tf.image.crop_and_resize` for the window [start, start + length - 1] of an axis of `size`
+    pixels (box corners on pixel centres, of the axis padded to 2^k + 1 pixels: exact binary
+    fractions): (lower index, lerp, inside [out]).
 
-    Positions are clamped into the image, where the exact ones always lie. TF instead fills
-    a row whose rounded position passed the last pixel with its extrapolation value 0: a float
-    artefact of the host path (0.3 % of window placements at 16-100 px: measured), which XLA's
-    fused arithmetic (FMA) would hit on other rows, so it is not reproduced."""
+    Positions are clamped into the image: rounding can put the last one a hair past the last
+    pixel, where the host reads its edge-replicating padding, the same value."""
     start = start.astype(jnp.float32)
-    last = size - 1
-    lo = _div(start, jnp.float32(last))
-    hi = _div(start + length.astype(jnp.float32) - 1, jnp.float32(last))
+    last = jnp.float32(size + pipeline._corner_pad(size) - 1)  # noqa: SLF001 -- the host's
+    lo = _div(start, last)
+    hi = _div(start + length.astype(jnp.float32) - 1, last)
     if out > 1:
-        step = _div((hi - lo) * jnp.float32(last), jnp.float32(out - 1))
-        pos = lo * jnp.float32(last) + jnp.arange(out, dtype=jnp.float32) * step
+        step = _div((hi - lo) * last, jnp.float32(out - 1))
+        pos = lo * last + jnp.arange(out, dtype=jnp.float32) * step
     else:
-        pos = jnp.full(out, 0.5 * (lo + hi) * jnp.float32(last))
-    pos = jnp.clip(pos, 0.0, jnp.float32(last))
+        pos = jnp.full(out, 0.5 * (lo + hi) * last)
+    pos = jnp.clip(pos, 0.0, jnp.float32(size - 1))
     lower = jnp.floor(pos)
     return lower.astype(jnp.int32), pos - lower, jnp.ones(out, bool)
 
