@@ -97,11 +97,15 @@ class Dataset:
     @property
     def key(self) -> dict[str, Any]:
         """What a stage computed on this data depends on."""
+        decoded = self.splits["train"].encoding is None
         return {
             "fingerprint": self.fingerprint,
             "image_size": self.image_size,
             "eval_transform": self.eval_transform,
             **({"device_input": self.device_cache.settings} if self.device_cache else {}),
+            # The training crop of decoded splits (pipeline._batch_fn), whose version 2 stopped
+            # filling edge lines with 0; encoded splits' (Waterbirds, CelebA) did not change.
+            **({"augment": pipeline.AUGMENT_VERSION} if decoded else {}),
         }
 
     def train_batches(
