@@ -125,7 +125,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    from agre_jax import distributed, errors, loop, sweep_runner, train, workdir
+    from agre_jax import distributed, errors, loop, settings, sweep_runner, train, workdir
 
     config = flag_values.config
     source = getattr(flag_values["config"], "config_filename", "") or ""
@@ -140,9 +140,20 @@ def main(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> int:
                 "counts) and spread its runs with sweep.launcher"
             )
         if spec is not None:  # (one process: no JAX backend starts here; see sweep_runner)
+            # A config mistake is reported now, not after waiting for processes that may never
+            # join; this starts no JAX backend (the device layout is checked once joined).
+            settings.validate(config, before_join=True)
             distributed.initialize(spec)
+        if "sweep" not in config:  # (a sweep's runs resolve it in their jobs: launch.run_one)
+            config = settings.resolve_dtype(config)  # 'auto' -> this backend's dtype
+        if spec is not None:
             distributed.check_same_config(workdir.config_dict(config), workdir.config_differences)
-            if not distributed.is_primary():  # process 0 prints for the run (C++ too)
+            # Process 0 prints for the run. The others' stdout goes to /dev/null at the
+            # descriptor, so C++ prints too; process 0 keeps the one line gloo prints when its
+            # collectives connect ("[Gloo] Rank 0 is connected to ..."): jaxlib 0.10's gloo
+            # writes it to std::cout unconditionally (pytorch/gloo#462; GLOO_LOG_LEVEL came to
+            # gloo later, in d97133a), and neither JAX nor XLA has a flag for it.
+            if not distributed.is_primary():
                 sys.stdout.flush()
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if "sweep" in config:

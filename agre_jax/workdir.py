@@ -93,14 +93,34 @@ ADDED_KEYS: dict[str, Any] = {
 }
 
 
+# Keys whose value may be a request that each run resolves on the machine it runs on, with
+# the values it resolves to (settings.resolve_dtype): runs record the resolved value. A current
+# config holding the request (a sweep's runs, resolved in their jobs, compared in the process
+# that submits them) accepts any of those; a run's own config is resolved before it is
+# recorded or compared (main.py, launch.run_one), so it compares resolved values.
+RESOLVED_KEYS: dict[str, tuple[Any, tuple[Any, ...]]] = {
+    "dtype": ("auto", ("float32", "bfloat16")),
+}
+
+
 def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys where two config dicts (config_dict) differ, except keys of ADDED_KEYS that
-    the recorded one lacks while the current one has their neutral value."""
+    the recorded one lacks while the current one has their neutral value, and keys of
+    RESOLVED_KEYS where the current one holds the request and the recorded one a value it
+    resolves to."""
     return [
         k
         for k in _diff(recorded, current)
         if not (k in ADDED_KEYS and _lacks(recorded, k) and _get(current, k) == ADDED_KEYS[k])
+        and not _resolved(recorded, current, k)
     ]
+
+
+def _resolved(recorded: Mapping[str, Any], current: Mapping[str, Any], key: str) -> bool:
+    if key not in RESOLVED_KEYS or _lacks(recorded, key) or _lacks(current, key):
+        return False
+    request, values = RESOLVED_KEYS[key]
+    return _get(current, key) == request and _get(recorded, key) in values
 
 
 def _lacks(data: Mapping[str, Any], dotted: str) -> bool:

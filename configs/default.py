@@ -39,7 +39,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown dataset preset {dataset!r}; expected one of {DATASETS}")
     c = ml_collections.ConfigDict()
     c.seed = 0  # the student: initialisation, data order, step randomness
-    c.dtype = "float32"  # compute dtype of every network ('bfloat16' on GPUs); params float32
+    # Compute dtype of every network: 'float32', 'bfloat16', or 'auto' (bfloat16 on a GPU or
+    # TPU, float32 on the CPU; resolved when the run starts, and recorded resolved).
+    # Parameters, optimiser state, BatchNorm statistics and losses stay float32. The 224 px
+    # presets (waterbirds, celeba) use 'auto'; the CPU-sized ones float32.
+    c.dtype = "float32"
     c.stage_dir = ""  # where teacher/DFR stages live ('' = <workdir>/stages); shared by sweeps
     c.progress = True  # progress bars
     # One run over several processes or hosts (agre_jax/distributed.py): process 0 prepares the
@@ -166,9 +170,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if dataset == "waterbirds":
         c.data.name = "waterbirds"
         c.data.eval_transform = "square_resize_crop"
+        c.dtype = "auto"  # bf16 on a GPU (README: bfloat16)
     elif dataset == "celeba":
         c.data.name = "celeba_groups"
         c.data.eval_transform = "square_resize_crop"
+        c.dtype = "auto"
         c.teachers.batch_size = 100
         c.train.batch_size = 100
     elif dataset == "cmnist":

@@ -84,7 +84,10 @@ CONFIG_CASES = [
     (["--config.student.width=0"], "student.width is 0"),
     (["--config.teachers.map=pmap"], "teachers.map is 'pmap'"),
     (["--config.train.pmap=sometimes"], "train.pmap is 'sometimes'"),
-    (["--config.dtype=float16"], "dtype is 'float16'"),
+    (
+        ["--config.dtype=float16"],
+        "dtype is 'float16'; expected one of ('float32', 'bfloat16', 'auto')",
+    ),
     (["--config.data.image_size=0"], "data.image_size is 0"),
     (["--config.data.eval_batch_size=0"], "data.eval_batch_size is 0"),
     (["--config.data.eval_transform=stretch"], "data.eval_transform is 'stretch'"),
@@ -123,6 +126,24 @@ def test_config_mistakes(tmp_path, capsys, monkeypatch, args, message):
     code, _, err = run_main([*TINY, "--workdir", str(work), *args], capsys)
     assert_refused(code, err, message)
     assert not work.exists()
+
+
+def test_config_mistakes_of_a_multi_process_run_come_before_it_joins(tmp_path, capsys, monkeypatch):
+    """Refused before jax.distributed joins the processes: a peer that never comes would
+    otherwise keep the user waiting distributed.initialization_timeout_s for the message."""
+    from agre_jax import distributed
+
+    def join(spec):
+        raise AssertionError(f"joined ({spec}) before the config was checked")
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(distributed, "initialize", join)
+    work = tmp_path / "w"
+    args = ["--config.distributed.num_processes=2", "--config.distributed.process_id=1"]
+    args += ["--config.distributed.coordinator=localhost:1", "--config.train.epochs=0"]
+    code, _, err = run_main([*TINY, "--workdir", str(work), *args, "--config.dtype=bf16"], capsys)
+    assert_refused(code, err, "train.epochs is 0")
+    assert "dtype is 'bf16'" in err and not work.exists()
 
 
 @pytest.mark.parametrize(

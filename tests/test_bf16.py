@@ -18,6 +18,7 @@ not a leak.
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,54 @@ def test_bf16_losses_follow_float32_and_state_stays_float32(weighting, num_class
     assert set(m16) == set(m32)
     assert {k for k in m16 if k.startswith("weight/")}, "no teacher weights in the metrics"
     assert {v.dtype for v in m16.values()} == {jnp.dtype(jnp.float32)}
+
+
+# ---------------------------------------------------------------- dtype='auto'
+
+
+def test_auto_dtype_is_resolved_once_into_the_name_runs_are_identified_by(tmp_path):
+    """'auto' is bfloat16 on a GPU / TPU backend and float32 on the CPU, resolved into the
+    config (settings.resolve_dtype, as main.py and launch.run_one do): an 'auto' run on this
+    CPU has a float32 run's stage keys and resumes its workdir, and the other way round."""
+    from agre_jax import stages, workdir
+    from configs import default
+
+    assert [settings.dtype_name("auto", b) for b in ("cpu", "gpu", "tpu")] == [
+        "float32",
+        "bfloat16",
+        "bfloat16",
+    ]
+    assert settings.dtype("auto") == jnp.float32  # this CPU
+    # The 224 px presets ask for 'auto'; the CPU-sized ones stay float32.
+    assert {p: default.get_config(p).dtype for p in default.DATASETS} == {
+        "synthetic": "float32",
+        "waterbirds": "auto",
+        "celeba": "auto",
+        "cmnist": "float32",
+    }
+    f32 = tiny_config.get_config()
+    auto = tiny_config.get_config()
+    auto.dtype = "auto"
+    settings.validate(auto)  # a valid name
+    resolved = settings.resolve_dtype(auto)
+    assert resolved.dtype == "float32" and auto.dtype == "auto"  # a copy
+    assert settings.resolve_dtype(f32) is f32
+    assert settings.resolve_dtype(auto, backend="gpu").dtype == "bfloat16"
+    data = types.SimpleNamespace(key="the-data")
+    pdata = types.SimpleNamespace(key="the-pretraining-data")
+    assert stages.stage_keys(resolved, data) == stages.stage_keys(f32, data)
+    assert stages.pretrain_keys(resolved, pdata) == stages.pretrain_keys(f32, pdata)
+    gpu = settings.resolve_dtype(auto, backend="gpu")
+    assert stages.stage_keys(gpu, data).teachers != stages.stage_keys(f32, data).teachers
+    # Workdirs: float32 then 'auto', 'auto' then float32: the same run; bf16 is another.
+    for first, second in ((f32, resolved), (resolved, f32)):
+        run = tmp_path / f"{first is f32}"
+        workdir.prepare(run, first, overwrite=False)
+        workdir.prepare(run, second, overwrite=False)
+    with pytest.raises(workdir.ConfigMismatchError, match="dtype"):
+        workdir.prepare(tmp_path / "True", gpu, overwrite=False)
+    # A sweep compares its runs' unresolved configs with recorded ones (resolved in the jobs).
+    recorded = workdir.config_dict(resolved)
+    assert workdir.config_differences(recorded, workdir.config_dict(auto)) == []
+    assert workdir.config_differences(workdir.config_dict(gpu), workdir.config_dict(auto)) == []
+    assert workdir.config_differences(recorded, workdir.config_dict(gpu)) == ["dtype"]

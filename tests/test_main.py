@@ -120,14 +120,17 @@ def test_report_files_and_structure(reference):
 
 
 def test_same_config_reuses_every_stage(reference, capsys):
+    """The same config again, given as dtype='auto' (float32 on this CPU, resolved by main.py
+    before the run is identified): the same run and stages, nothing recomputed."""
     work, _ = reference
     before = json.loads((work / "results.json").read_text())
-    code, out, err = run_main([*TINY, "--workdir", str(work)], capsys)
+    code, out, err = run_main([*TINY, "--workdir", str(work), "--config.dtype=auto"], capsys)
     assert code == 0, err[-3000:]
     for stage in ("teachers", "dfr", "distill"):
         assert f"[{stage}] reusing" in out
     after = json.loads((work / "results.json").read_text())
     assert after["test"] == before["test"]
+    assert after["config"]["dtype"] == "float32"
 
 
 def test_other_config_is_refused_then_overwritten(reference, tmp_path, capsys):
