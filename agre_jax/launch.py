@@ -3,8 +3,15 @@
 Each variant x seed of a sweep is one submitit job running `train.train_and_evaluate(config,
 <dir>/runs/<variant>/seed<k>)` (`RunJob`). With 'local' the jobs are processes on this machine,
 `sweep.local.jobs` at once, each with its own `sweep.local.gpus_per_job` GPUs
-(CUDA_VISIBLE_DEVICES); with 'slurm' they are sbatch jobs (`sweep.slurm.*`), the parallel ones
-one job array. This process submits them, waits, and writes the report as they finish.
+(CUDA_VISIBLE_DEVICES); on a machine without a visible GPU `gpus_per_job` is ignored (one line
+says so) and the jobs run on the CPU. With 'slurm' they are sbatch jobs (`sweep.slurm.*`), the
+parallel ones one job array; `sweep.slurm.additional_parameters` adds sbatch options but may
+not set one that the launcher sets itself (`SLURM_OWN_OPTIONS`). This process submits them,
+waits, and writes the report as they finish.
+
+A run's `dtype='auto'` is resolved in the process that trains it (`run_one`, in the job), on
+the backend the job has, not in this process, which may have no GPU (a SLURM login node) or
+be kept on the CPU (`leave_accelerators_to_jobs`).
 
 Preemption and time limits: `RunJob` is a `submitit.helpers.Checkpointable`. On the signal that
 precedes a preemption or a time-out (SIGUSR2), submitit requeues the same job (at most
@@ -46,6 +53,7 @@ import ml_collections
 import submitit
 
 from agre_jax import errors, sweep, workdir
+from agre_jax.settings import resolve_dtype
 
 JOBS_DIR = "jobs"  # in the sweep directory: submitit's pickles and each job's log
 # Keys read by the student's (distillation) stage only, never by a shared stage: runs that
@@ -55,6 +63,30 @@ LOCAL_TIMEOUT_MIN = 365 * 24 * 60  # local jobs have no time limit
 POLL_S = {"local": 1.0, "slurm": 30.0}  # how often the job states are read
 # submitit's executor of each launcher ('debug' runs jobs in this process: tests).
 CLUSTER = {"local": "local", "slurm": "slurm"}
+# sbatch options that the slurm launcher sets itself (`make_executor`, and submitit for the
+# job's logs and requeue signal), with where each comes from: `sweep.slurm.additional_parameters`
+# may not set them (submitit would let it override them silently). Keys as sbatch's long
+# options with '_' for '-'.
+SLURM_OWN_OPTIONS = {
+    "partition": "sweep.slurm.partition",
+    "time": "sweep.slurm.time_min",
+    "gpus_per_node": "sweep.slurm.gpus_per_job",
+    "gpus": "sweep.slurm.gpus_per_job",
+    "gpus_per_task": "sweep.slurm.gpus_per_job",
+    "cpus_per_task": "sweep.slurm.cpus_per_task",
+    "mem": "sweep.slurm.mem_gb",
+    "account": "sweep.slurm.account",
+    "qos": "sweep.slurm.qos",
+    "array": "sweep.slurm.array_parallelism",
+    "job_name": "the sweep's name (agre-jax sets it)",
+    "nodes": "agre-jax (one node per job: a sweep's run is one process)",
+    "ntasks": "agre-jax (one task per job: a sweep's run is one process)",
+    "ntasks_per_node": "agre-jax (one task per job: a sweep's run is one process)",
+    "output": "submitit (the job's log, DIR/jobs/)",
+    "error": "submitit (the job's log, DIR/jobs/)",
+    "open_mode": "submitit (the job's log, DIR/jobs/)",
+    "signal": "submitit (the signal before a time-out that requeues the job)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +116,9 @@ def run_one(
     error_file = Path(run_dir) / sweep.ERROR_FILE
     error_file.unlink(missing_ok=True)
     try:
-        train_fn(config, run_dir, overwrite=overwrite)
+        # 'auto' becomes this process's dtype here, so that the run's recorded config and
+        # stage keys hold the resolved name (the same stages as a run given it by name).
+        train_fn(resolve_dtype(config), run_dir, overwrite=overwrite)
     except Exception as e:  # noqa: BLE001 -- one failed run must not stop the sweep
         message = f"{type(e).__name__}: {e}"
         workdir.atomic_write_text(error_file, f"{message}\n\n{traceback.format_exc()}")
@@ -204,7 +238,18 @@ def check_machine(settings: dict[str, Any]) -> list[tuple[int, ...]] | None:
     """
     launcher = settings["launcher"]
     if launcher == "local":
-        return local_slots(settings["local"])
+        gpus = visible_gpus()
+        slots = local_slots(settings["local"], gpus)
+        per_job = settings["local"]["gpus_per_job"]
+        if per_job > 0 and not gpus:
+            print(
+                f"[sweep] sweep.local.gpus_per_job={per_job} is ignored: no GPU is visible "
+                "(CUDA_VISIBLE_DEVICES, nvidia-smi); the jobs run on the CPU, "
+                f"{len(slots)} at a time (sweep.local.jobs)"
+            )
+        return slots
+    if launcher == "slurm":
+        check_slurm_options(settings["slurm"])
     if launcher == "slurm" and CLUSTER["slurm"] == "slurm":
         missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
         if missing:
@@ -214,6 +259,30 @@ def check_machine(settings: dict[str, Any]) -> list[tuple[int, ...]] | None:
                 "--config.sweep.launcher=local or inline"
             )
     return None
+
+
+def check_slurm_options(slurm: dict[str, Any]) -> None:
+    """`sweep.slurm.additional_parameters` sets none of the sbatch options the launcher sets
+    (`SLURM_OWN_OPTIONS`; names compared with '-' as '_', case-insensitively).
+
+    Args:
+      slurm: `sweep.launcher_of(config)['slurm']` (additional_parameters parsed).
+
+    Raises:
+      SweepError: a colliding option, named with the setting to use instead.
+    """
+    clashes = [
+        (key, SLURM_OWN_OPTIONS[key.replace("-", "_").lower()])
+        for key in slurm["additional_parameters"]
+        if key.replace("-", "_").lower() in SLURM_OWN_OPTIONS
+    ]
+    if clashes:
+        listed = "; ".join(f"{key!r} is set by {where}" for key, where in clashes)
+        raise sweep.SweepError(
+            f"sweep.slurm.additional_parameters sets sbatch options that the slurm launcher "
+            f"sets itself ({listed}); expected only other options (e.g. constraint, exclude, "
+            "nice, mail_type): remove them, and use the sweep.slurm.* setting named instead"
+        )
 
 
 def make_executor(settings: dict[str, Any], folder: Path, name: str) -> submitit.Executor:
@@ -233,6 +302,7 @@ def make_executor(settings: dict[str, Any], folder: Path, name: str) -> submitit
             return executor
         return submitit.AutoExecutor(folder, cluster=cluster)
     s = settings["slurm"]
+    check_slurm_options(s)
     executor = submitit.AutoExecutor(
         folder, cluster=cluster, slurm_max_num_timeout=s["max_num_timeout"]
     )

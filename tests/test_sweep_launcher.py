@@ -27,7 +27,7 @@ import submitit
 from absl import flags
 from inprocess import main_module, run_main
 from submitit.slurm import slurm as submitit_slurm
-from test_sweep import SWEEP_CONFIGS, fake_results
+from test_sweep import SWEEP_CONFIGS, assert_png, fake_results
 
 from agre_jax import launch, stages, sweep, sweep_runner, workdir
 from configs import tiny
@@ -80,6 +80,56 @@ def test_slurm_without_slurm_commands_exits_2_before_anything(tmp_path, capsys, 
     code, out, err = run_main(args, capsys)
     assert code == 2, out[-2000:] + err[-2000:]
     assert "['sbatch', 'srun'] is not on PATH" in err and not (tmp_path / "s").exists()
+
+
+def test_sbatch_options_the_launcher_sets_are_refused_before_anything(tmp_path, capsys):
+    """sweep.slurm.additional_parameters may add sbatch options, not replace the launcher's
+    own (submitit would let them override silently): exit 2 naming the setting to use."""
+    options = '{"partition": "debug", "Time": 10, "gpus-per-node": 4, "constraint": "a100"}'
+    args = ["--config", "configs/sweeps/tiny.py", "--config.sweep.launcher=slurm"]
+    args += ["--config.sweep.slurm.partition=gpu", "--workdir", str(tmp_path / "s")]
+    code, out, err = run_main([*args, f"--config.sweep.slurm.additional_parameters={options}"])
+    assert code == 2, out[-2000:] + err[-2000:]
+    for clash in (
+        "'partition' is set by sweep.slurm.partition",
+        "'Time' is set by sweep.slurm.time_min",
+        "'gpus-per-node' is set by sweep.slurm.gpus_per_job",
+    ):
+        assert clash in err
+    assert "'constraint' is set" not in err  # an option the launcher does not set
+    assert not (tmp_path / "s").exists()
+    c = sweep_config(**{"sweep.launcher": "slurm", "sweep.slurm.partition": "gpu"})
+    slurm = sweep.launcher_of(c)["slurm"]
+    for key in ("array", "job_name", "nodes", "signal", "output", "mem", "account", "qos"):
+        with pytest.raises(sweep.SweepError, match=f"'{key}' is set by"):
+            launch.check_slurm_options({**slurm, "additional_parameters": {key: "x"}})
+    launch.check_slurm_options({**slurm, "additional_parameters": {"exclude": "n1", "nice": 5}})
+
+
+def test_gpus_per_job_without_a_visible_gpu_is_ignored_with_one_line(monkeypatch, capsys):
+    local = {"launcher": "local", "local": {"jobs": 0, "gpus_per_job": 1}}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU
+    assert launch.check_machine(local) == [()]
+    line = "[sweep] sweep.local.gpus_per_job=1 is ignored: no GPU is visible"
+    assert line in capsys.readouterr().out
+    assert launch.check_machine({**local, "local": {"jobs": 2, "gpus_per_job": 0}}) == [(), ()]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert launch.check_machine(local) == [(0,), (1,)]
+    assert capsys.readouterr().out == ""  # said only when it is ignored
+
+
+def test_a_sweep_run_resolves_dtype_auto_in_its_job(tmp_path):
+    """A run's dtype='auto' becomes the job's backend's dtype where the job trains it
+    (launch.run_one), and the process that submits the jobs (which may have no GPU) sees the
+    recorded resolved run as the same run, finished."""
+    config = tiny.get_config()
+    config.dtype = "auto"
+    fake = FakeTrainer()
+    seen = []
+    launch.run_one(config, tmp_path, False, lambda c, d, overwrite: seen.append(c) or fake(c, d))
+    assert [c.dtype for c in seen] == ["float32"]  # this CPU
+    assert json.loads((tmp_path / workdir.CONFIG_FILE).read_text())["dtype"] == "float32"
+    assert sweep_runner.status(sweep_runner.Run("a", 0, tmp_path, config)) == "done"
 
 
 def test_slurm_settings_from_the_command_line():
@@ -412,9 +462,35 @@ def test_a_killed_local_job_fails_its_run_and_the_same_command_resumes_it(tmp_pa
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
+def check_inline_sweep(sweep_dir: Path, out: str) -> None:
+    """The inline tiny sweep (main.py in this process, 2 variants x 2 seeds): one teacher and
+    one DFR stage for all runs, each run's results.json, the report (markdown, CSV, plots)."""
+    assert len(list((sweep_dir / "stages").glob("teachers-*"))) == 1  # trained once
+    assert len(list((sweep_dir / "stages").glob("dfr-*"))) == 1
+    assert out.count("[teachers] reusing") == 3
+    for v in ("agre", "aver"):
+        for seed in (0, 1):
+            r = json.loads((sweep_dir / "runs" / v / f"seed{seed}" / "results.json").read_text())
+            assert r["seed"] == seed and r["config"]["distill"]["weighting"] == v
+    md = (sweep_dir / "results.md").read_text()
+    assert "Runs finished 4 of 4" in md and "Seeds: 0, 1" in md
+    assert "Shared stages, computed once for all runs (not in s/run): data " in md
+    assert ", teachers " in md and ", dfr " in md
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"[sweep] report: {sweep_dir / 'results.md'} (and results.csv")
+    rows = list(csv.DictReader(io.StringIO((sweep_dir / "results.csv").read_text())))
+    assert sorted(r["variant"] for r in rows) == ["agre", "aver"]
+    assert {r["n"] for r in rows} == {"2"} and all(r["wga_mean_pct"] != "" for r in rows)
+    plots = sorted(p.name for p in (sweep_dir / "plots").glob("*.png"))
+    assert plots == ["group_acc_best.png", "teacher_weights.png", "wga_by_variant.png"]
+    for p in plots:
+        assert_png(sweep_dir / "plots" / p)
+
+
 def test_local_sweep_with_a_preempted_job_matches_inline(tmp_path, capsys):
     """configs/sweeps/tiny.py (2 variants x 2 seeds, 1 student epoch, no feature losses), run
-    inline (the reference; it trains the shared stages), then with launcher=local, two jobs at
+    inline (the reference; it trains the shared stages; its report checked, and a second call
+    skips every finished run), then with launcher=local, two jobs at
     once, on the same stages: the leader agre/0 runs alone, then aver/0 and agre/1 together.
     agre/1 is preempted (SIGUSR2 after its first student checkpoint): submitit requeues the
     job, which resumes from that checkpoint within the sweep. The report equals the inline
@@ -431,6 +507,10 @@ def test_local_sweep_with_a_preempted_job_matches_inline(tmp_path, capsys):
     ]
     code, out, err = run_main([*common, "--workdir", str(inline)], capsys)
     assert code == 0, out[-3000:] + err[-3000:]
+    check_inline_sweep(inline, out)
+    code, out, err = run_main([*common, "--workdir", str(inline)], capsys)
+    assert code == 0, err[-3000:]
+    assert out.count("finished earlier, skipped") == 4
 
     preempted = []
     watcher = threading.Thread(
