@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -285,7 +286,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--timeout-s",
         type=float,
         default=450.0,
-        help="time budget: no row starts after it, the one running is stopped (default 450)",
+        help=(
+            "time budget in seconds, at least MIN_ROW_S (5): no row starts after it, the one "
+            "running is stopped (default 450)"
+        ),
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row")
     parser.add_argument(
@@ -297,6 +301,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.steps = (QUICK if args.quick else FULL).steps
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if not (math.isfinite(args.timeout_s) and args.timeout_s >= MIN_ROW_S):
+        parser.error(
+            f"--timeout-s is {args.timeout_s:g}; expected seconds >= {MIN_ROW_S:g} (a row does "
+            f"not start with less than {MIN_ROW_S:g} s of the budget left, so a smaller budget "
+            "measures nothing)"
+        )
     if any(not 1 <= r <= len(ROWS) for r in args.rows):
         parser.error(f"--rows must be in 1..{len(ROWS)}")
     if args.row is not None and not 0 <= args.row < len(ROWS):

@@ -129,10 +129,22 @@ def test_quick_rows_without_tensorflow(hidden_env):
     assert "quick sizes: not comparable" in proc.stdout
 
 
-def test_spent_budget_skips_every_row(hidden_env):
-    proc = _run(hidden_env, "--timeout-s", "0")
-    assert proc.returncode == 1
-    table = _table(proc.stdout)
+def test_spent_budget_skips_every_row(capsys):
+    """A budget spent before a row starts (less than MIN_ROW_S left) lists the rows left as
+    skipped; the table's parent process starts no row and no backend."""
+    results = gpu.run_table(quick=True, steps=1, timeout_s=gpu.MIN_ROW_S - 1)
+    out = capsys.readouterr().out
+    table = _table(out)
     assert sorted(table) == list(range(1, len(gpu.ROWS) + 1))
     assert all("skipped (time budget spent)" in cells for cells in table.values())
-    assert f"0 of {len(gpu.ROWS)} rows measured" in proc.stdout
+    assert f"0 of {len(gpu.ROWS)} rows measured" in out
+    assert not any("step_s" in r for r in results.values())
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "4.9", "nan", "inf"])
+def test_a_budget_too_small_to_measure_a_row_is_refused(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        gpu.parse_args(["--quick", "--timeout-s", value])
+    assert e.value.code == 2
+    assert f"--timeout-s is {float(value):g}; expected seconds >= 5" in capsys.readouterr().err
+    assert gpu.parse_args(["--timeout-s", "5"]).timeout_s == 5.0
