@@ -17,6 +17,7 @@ Tolerances, in 0-255 levels (differences of normalised images times 255 * std):
   mean < 1 level, max < 12 levels (measured 0.33 and 3.8 at 224 px).
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -200,6 +201,23 @@ def test_augment_leaves_host_batches_and_keeps_leading_axes():
     flat = {k: v.reshape(6, *v.shape[2:]) for k, v in batch.items()}
     once = jax.jit(lambda b: device_input.augment(b, 8, jnp.bfloat16))(flat)
     np.testing.assert_array_equal(out["image"].reshape(6, 8, 8, 3), once["image"])
+
+
+def test_stage_keys_name_the_host_augmentation_of_decoded_splits():
+    """Stages trained on decoded splits with the crop before AUGMENT_VERSION 2 (edge lines
+    filled with 0) are not reused; encoded splits, whose crop did not change, keep their keys."""
+    encoded = _split([(4, 4)] * 2, "PNG")
+    decoded = dataclasses.replace(encoded, images=tf.zeros((2, 4, 4, 3), tf.uint8), encoding=None)
+    data = stages.Dataset(
+        name="d", splits={"train": decoded}, num_classes=2, num_groups=4,
+        group_names=("0", "1", "2", "3"), train_counts=(1, 1, 0, 0), image_size=4,
+        eval_batch_size=2, eval_transform="resize_crop", dtype=np.float32, fingerprint="f",
+    )  # fmt: skip
+    assert data.key["augment"] == pipeline.AUGMENT_VERSION == 2
+    other = dataclasses.replace(data, splits={"train": encoded})
+    assert other.key == {k: v for k, v in data.key.items() if k != "augment"}
+    config = tiny.get_config()
+    assert stages.stage_keys(config, data).teachers != stages.stage_keys(config, other).teachers
 
 
 # --- the cache ------------------------------------------------------------------------------
