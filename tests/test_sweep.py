@@ -1,7 +1,8 @@
 """Sweeps and their reports: aggregation, costs and plots on fabricated run directories, the
 sweep runner with a fake trainer (skips, failures, changed configs), every sweep config on
 every dataset preset, the import graph (no cycle; sweep definitions without jax or
-tensorflow), and one tiny real sweep through main.py."""
+tensorflow), and main.py refusing a bad sweep in a real process. The tiny real sweep through
+main.py is tests/test_sweep_launcher.py's reference (inline) run, checked there."""
 
 import ast
 import csv
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import ml_collections
 import pytest
-from inprocess import run_main
 
 from agre_jax import errors, report, settings, stages, sweep, sweep_runner, train, workdir
 from configs import tiny
@@ -789,44 +789,3 @@ def test_main_rejects_a_bad_sweep(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: invalid sweep: sweep.baseline 'nope' is not a variant" in proc.stderr
-
-
-def test_tiny_sweep_end_to_end(tmp_path, capsys):
-    """2 variants x 1 seed of configs/tiny.py (1 student epoch), main.py in this process
-    (tests/inprocess.py; a real process is the test above): one teacher stage for all, the
-    report, then a second call that skips every finished run."""
-    args = [
-        "--config",
-        "configs/sweeps/tiny.py",
-        "--config.sweep.seeds=(0,)",
-        "--config.train.epochs=1",
-        "--workdir",
-        str(tmp_path),
-    ]
-    code, out, err = run_main(args, capsys)
-    assert code == 0, out[-3000:] + err[-3000:]
-    assert len(list((tmp_path / "stages").glob("teachers-*"))) == 1  # trained once
-    assert len(list((tmp_path / "stages").glob("dfr-*"))) == 1
-    assert out.count("[teachers] reusing") == 1
-    for v in ("agre", "aver"):
-        r = json.loads((tmp_path / "runs" / v / "seed0" / "results.json").read_text())
-        assert r["seed"] == 0 and r["config"]["distill"]["weighting"] == v
-    md = (tmp_path / "results.md").read_text()
-    print(md)
-    assert "Runs finished 2 of 2" in md and "Seeds: 0" in md
-    assert "Shared stages, computed once for all runs (not in s/run): data " in md
-    assert ", teachers " in md and ", dfr " in md
-    last = out.strip().splitlines()[-1]
-    assert last.startswith(f"[sweep] report: {tmp_path / 'results.md'} (and results.csv")
-    rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
-    print((tmp_path / "results.csv").read_text())
-    assert sorted(r["variant"] for r in rows) == ["agre", "aver"]
-    assert {r["n"] for r in rows} == {"1"} and all(r["wga_mean_pct"] != "" for r in rows)
-    plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert plots == ["group_acc_best.png", "teacher_weights.png", "wga_by_variant.png"]
-    for p in plots:
-        assert_png(tmp_path / "plots" / p)
-
-    code, out, err = run_main(args, capsys)
-    assert code == 0, err[-3000:]
-    assert out.count("finished earlier, skipped") == 2
