@@ -15,7 +15,7 @@ of `pipeline._crop_window` on the ORIGINAL image size, and the host's bilinear f
 - decoded in-memory splits (the synthetic data): the cache is the split's own array, and the
   crop is `tf.image.crop_and_resize`'s (box corners on pixel centres), as `pipeline._batch_fn`
   does it: equal to the host's images up to float rounding. Both keep every sample inside
-  the image (the host pads it with copies of its edge, the device clamps the positions).
+  the image (the host pads it with a copy of its edge, the device clamps the positions).
 - encoded splits (JPEG/PNG: Waterbirds, CelebA): the host decodes the crop window and resizes
   it with `tf.image.resize` (half-pixel centres, no antialiasing). The cache holds every image
   decoded and resized once to a fixed `(Hc, Wc)` = (min(side, largest height), min(side,
