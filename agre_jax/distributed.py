@@ -6,15 +6,18 @@ The design, in one place:
   `distributed.num_processes` > 1, or when it is 0 ('auto') and SLURM or Open MPI launched
   several tasks (`SLURM_NTASKS`, `OMPI_COMM_WORLD_SIZE`); else nothing happens and the run is
   the one-process run it always was. On CPU the collectives go over gloo.
-- Process 0 (the *primary*) alone prepares the data and computes the stages that run on one
-  device (pretraining, ERM teachers, DFR, biased model, Deep Ensemble): the others wait in
-  `PrimaryFirst` until it has them, then read the same finished stages from the shared stage
-  directory. A failure of process 0 there is passed to the others, which stop with its
-  message.
-- The distillation spans every device of every process: `pmap` over the local devices, with
-  its collectives (gradients, BatchNorm statistics, AGRE-KD's batch means) over the global
-  batch. Each process feeds its own columns of each global batch (`Dataset.sharded`), and
-  validation gathers every process's predictions (`allgather_rows`) before the group metrics.
+- Process 0 (the *primary*) alone prepares the data and checks every input, and alone fits
+  the DFR heads (small, one device): the others wait in `PrimaryFirst` until it has, then read
+  the same data and finished stages from the shared directories. A failure of process 0 there
+  is passed to the others, which stop with its message.
+- The trained stages span every device of every process: pretraining, the ERM teachers (and
+  the trained biased model and Deep Ensemble) and the distillation run under `pmap` over the
+  local devices, with their collectives (gradients, BatchNorm statistics, AGRE-KD's batch
+  means) over the global batch. Each process feeds its own columns of each global batch
+  (`Dataset.sharded`), and validation gathers every process's predictions (`allgather_rows`)
+  before the group metrics, so every process keeps the same best weights. Whether such a
+  stage is done already is process 0's answer (`stages.done_on_primary`): all train it or all
+  read it; process 0 writes it and the others read it back after a `PrimaryFirst`.
 - Only process 0 writes: files (`workdir.atomic_write_text`, `checkpoints.save_variables`),
   orbax checkpoints, metrics, TensorBoard events, progress bars and stdout. Every orbax object
   is confined to its own process (`orbax_options`), so no checkpoint waits for a peer.
@@ -40,7 +43,7 @@ from agre_jax import errors
 # rest of the cluster's description from them).
 _LAUNCHER_SIZES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 _MAX_TIMEOUT_S = 7 * 24 * 3600  # JAX takes time-outs as 32-bit milliseconds
-# How long a process waits for process 0's single-device stages (it may train teachers).
+# How long a process waits for process 0's own sections (data preparation, DFR).
 _WAIT_MS = 7 * 24 * 3600 * 1000
 
 

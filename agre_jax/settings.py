@@ -51,12 +51,13 @@ POSITIVE_INTS = (
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How the student's step is spread over devices.
+    """How a trained stage's step (the student's; the ERM networks' with their own batch) is
+    spread over devices.
 
     Attributes:
       devices: local devices used (1 without pmap).
       pmap: whether the step runs under pmap.
-      per_device_batch: train.batch_size / (devices x processes).
+      per_device_batch: the stage's batch size / (devices x processes).
     """
 
     devices: int
@@ -145,9 +146,14 @@ def dfr_config(config: ml_collections.ConfigDict) -> dfr.DFRConfig:
 
 
 def layout(
-    config: ml_collections.ConfigDict, devices: int | None = None, processes: int | None = None
+    config: ml_collections.ConfigDict,
+    devices: int | None = None,
+    processes: int | None = None,
+    batch_key: str = "train.batch_size",
 ) -> Layout:
-    """The student step's device layout; raises ConfigError when the batch does not split.
+    """The device layout of the step whose global batch is `batch_key` (the student's, or
+    'teachers.batch_size' / 'pretrain.batch_size' of the ERM stages, which follow train.pmap
+    too); raises ConfigError when the batch does not split.
 
     `devices` (default: the local device count) is per process; with several `processes`
     (default: jax.process_count()) the step always runs under pmap over all their devices."""
@@ -163,11 +169,11 @@ def layout(
         )
     use_pmap = mode == "always" or (mode == "auto" and n * p > 1)
     n = n if use_pmap else 1
-    batch = config.train.batch_size
+    batch = _get(config, batch_key)
     if batch % (n * p):
         where = f"{n} devices" + (f" x {p} processes" if p > 1 else "")
         raise ConfigError(
-            f"train.batch_size is {batch}, which does not divide over the {where} of "
+            f"{batch_key} is {batch}, which does not divide over the {where} of "
             "train.pmap; use a multiple of the device count, or train.pmap='never'"
         )
     return Layout(devices=n, pmap=use_pmap, per_device_batch=batch // (n * p))
@@ -432,6 +438,12 @@ def validate(config: ml_collections.ConfigDict, before_join: bool = False) -> La
             built.append(build())
         except ConfigError as e:
             problems.append(str(e))
+    if len(built) == 4:  # the ERM stages' batches split as the student's (train.pmap's mode)
+        for key in erm_batch_keys(config):
+            try:
+                layout(config, batch_key=key)
+            except ConfigError as e:
+                problems.append(str(e))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     compute_dtype, dcfg = built[:2]
@@ -443,6 +455,20 @@ def validate(config: ml_collections.ConfigDict, before_join: bool = False) -> La
     if not config.teachers.checkpoints:  # ported teachers are checked once their files are read
         check_models(student, teacher_models(config, 2, compute_dtype), dcfg, biased)
     return run_layout
+
+
+def erm_batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The batch keys of the ERM stages this config trains: 'teachers.batch_size' (the
+    teachers unless ported, a trained biased model, the Deep Ensemble) and
+    'pretrain.batch_size' when pretraining is on."""
+    trains = (
+        not config.teachers.checkpoints
+        or bool(config.biased.arch)
+        or bool(config.baselines.deep_ensemble)
+    )
+    return (("teachers.batch_size",) if trains else ()) + (
+        ("pretrain.batch_size",) if config.pretrain.enabled else ()
+    )
 
 
 def teacher_models(

@@ -32,7 +32,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from agre_jax import checkpoints, distill, evaluation, loop, models, optim, settings, teachers
+from agre_jax import (
+    checkpoints,
+    distill,
+    distributed,
+    evaluation,
+    loop,
+    models,
+    optim,
+    settings,
+    teachers,
+)
 from agre_jax import workdir as wd
 from agre_jax.data import device_input, pipeline
 from agre_jax.errors import CheckpointError, ConfigError, WorkdirError
@@ -227,6 +237,21 @@ def read_stage(directory: Path, read: Any) -> Any:
         ) from e
 
 
+def done_on_primary(directory: Path) -> bool:
+    """Whether the stage in `directory` is finished, as process 0 sees it, on every process:
+    in a multi-process run every process then trains a data-parallel stage together, or every
+    one reads it (a stage finished by another run meanwhile cannot split them)."""
+    done = wd.is_done(directory)
+    if jax.process_count() > 1:
+        done = bool(distributed.allgather(np.asarray(done))[0])
+    return done
+
+
+def erm_pmap(config: ml_collections.ConfigDict, batch_key: str) -> bool:
+    """Whether an ERM stage of batch `batch_key` trains data-parallel (train.pmap's layout)."""
+    return settings.layout(config, batch_key=batch_key).pmap
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints read from disk (ported teachers, a ported biased model, init_from weights).
 
@@ -380,7 +405,7 @@ def pretrain_stage(
         what = (
             f"{spec['arch']} width {spec['width']}{', small input' if spec['small_input'] else ''}"
         )
-        reused = wd.is_done(directory)
+        reused = done_on_primary(directory)
         if reused:
             print(f"[pretrain] reusing {directory} ({what})")
         else:
@@ -409,24 +434,32 @@ def pretrain_stage(
                 progress=config.progress,
                 name="pretrain",
                 keep="last",  # as ImageNet weights are: no selection on downstream-like groups
+                pmap=erm_pmap(config, "pretrain.batch_size"),
             )
-            scores = _scores(model, r, pdata, "validation")
-            checkpoints.save_variables(
-                directory / "network",
-                {"params": r["params"], "batch_stats": r["batch_stats"]},
-                metadata={
-                    "arch": spec["arch"],
-                    "num_classes": pdata.num_classes,
-                    "model_options": {"width": spec["width"], "small_input": spec["small_input"]},
-                    "dataset": pdata.name,
-                    "val_acc": scores["avg_acc"],
-                    "val_wga": scores["wga"],
-                    "epoch": r["epoch"],
-                    "selection": "last epoch",
-                },
-                force=True,
-            )
-            wd.mark_done(directory, {"seconds": round(time.time() - start, 1)})
+            # Process 0 writes the stage; the others then read it as process 0 does.
+            with distributed.PrimaryFirst(f"the pretraining stage {directory}") as gate:
+                if distributed.is_primary():
+                    scores = _scores(model, r, pdata, "validation")
+                    checkpoints.save_variables(
+                        directory / "network",
+                        {"params": r["params"], "batch_stats": r["batch_stats"]},
+                        metadata={
+                            "arch": spec["arch"],
+                            "num_classes": pdata.num_classes,
+                            "model_options": {
+                                "width": spec["width"],
+                                "small_input": spec["small_input"],
+                            },
+                            "dataset": pdata.name,
+                            "val_acc": scores["avg_acc"],
+                            "val_wga": scores["wga"],
+                            "epoch": r["epoch"],
+                            "selection": "last epoch",
+                        },
+                        force=True,
+                    )
+                    wd.mark_done(directory, {"seconds": round(time.time() - start, 1)})
+                gate.release()
         loaded, seconds = read_stage(
             directory,
             lambda directory=directory: (
@@ -739,7 +772,7 @@ def teachers_stage(
     model = settings.model(cfg, data.num_classes, data.dtype)
     directory = stage_dir / f"teachers-{key}"
     names = [f"erm_{m}" for m in range(cfg.num)]
-    reused = wd.is_done(directory)
+    reused = done_on_primary(directory)
     if reused:
         print(f"[teachers] reusing {directory}")
         seconds = read_stage(directory, lambda: wd.read_done(directory).get("seconds", 0.0))
@@ -754,23 +787,28 @@ def teachers_stage(
                 None if init is None else lambda v, path=init.path: _graft(v, init.variables, path)
             ),
             progress=config.progress,
+            pmap=erm_pmap(config, "teachers.batch_size"),
         )
-        for name, r in zip(names, results, strict=True):
-            checkpoints.save_variables(
-                directory / name,
-                {"params": r["params"], "batch_stats": r["batch_stats"]},
-                metadata={
-                    "arch": cfg.arch,
-                    "num_classes": data.num_classes,
-                    "model_options": {"width": cfg.width, "small_input": cfg.small_input},
-                    "val_wga": r["val_wga"],
-                    "epoch": r["epoch"],
-                    "selection": "best validation worst-group accuracy",
-                },
-                force=True,
-            )
         seconds = round(time.time() - start, 1)
-        wd.mark_done(directory, {"teachers": names, "seconds": seconds})
+        # Process 0 writes the stage; the others then read it as process 0 does.
+        with distributed.PrimaryFirst(f"the teacher stage {directory}") as gate:
+            if distributed.is_primary():
+                for name, r in zip(names, results, strict=True):
+                    checkpoints.save_variables(
+                        directory / name,
+                        {"params": r["params"], "batch_stats": r["batch_stats"]},
+                        metadata={
+                            "arch": cfg.arch,
+                            "num_classes": data.num_classes,
+                            "model_options": {"width": cfg.width, "small_input": cfg.small_input},
+                            "val_wga": r["val_wga"],
+                            "epoch": r["epoch"],
+                            "selection": "best validation worst-group accuracy",
+                        },
+                        force=True,
+                    )
+                wd.mark_done(directory, {"teachers": names, "seconds": seconds})
+            gate.release()
     variables, members = [], []
     for name in names:
         v, info = read_stage(
@@ -880,21 +918,35 @@ class DFRHeads:
 def dfr_stage(
     config: ml_collections.ConfigDict, data: Dataset, t: Teachers, stage_dir: Path, key: str
 ) -> DFRHeads:
-    """DFR heads of every ERM teacher, computed once per key."""
-    dfr_cfg = settings.dfr_config(config)
+    """DFR heads of every ERM teacher, computed once per key (in a multi-process run by
+    process 0 alone, on one device; the others wait, then read the stage it wrote)."""
     directory = stage_dir / f"dfr-{key}"
-    m = len(t.variables)
-    if wd.is_done(directory):
-        print(f"[dfr] reusing {directory}")
+    with distributed.PrimaryFirst(f"the DFR stage {directory}") as gate:
+        if wd.is_done(directory):  # (the others find the stage done)
+            gate.release()
+            m = len(t.variables)
+            print(f"[dfr] reusing {directory}")
 
-        def read():
-            saved = np.load(directory / "heads.npz")
-            heads = [{"kernel": saved[f"kernel_{i}"], "bias": saved[f"bias_{i}"]} for i in range(m)]
-            return heads, wd.read_done(directory)
+            def read():
+                saved = np.load(directory / "heads.npz")
+                heads = [
+                    {"kernel": saved[f"kernel_{i}"], "bias": saved[f"bias_{i}"]} for i in range(m)
+                ]
+                return heads, wd.read_done(directory)
 
-        heads, done = read_stage(directory, read)
-        record = StageRecord(done.get("seconds", 0.0), True, str(directory))
-        return DFRHeads(heads, done["info"], key, directory, record)
+            heads, done = read_stage(directory, read)
+            record = StageRecord(done.get("seconds", 0.0), True, str(directory))
+            return DFRHeads(heads, done["info"], key, directory, record)
+        out = _fit_dfr(config, data, t, directory, key)
+        gate.release()
+        return out
+
+
+def _fit_dfr(
+    config: ml_collections.ConfigDict, data: Dataset, t: Teachers, directory: Path, key: str
+) -> DFRHeads:
+    """dfr_stage's computation, written to `directory`."""
+    dfr_cfg = settings.dfr_config(config)
     start = time.time()
     heads, infos = [], []
     for model, variables in t.groups():  # (teacher order: group by group)

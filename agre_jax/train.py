@@ -51,9 +51,10 @@ def train_and_evaluate(
             raise errors.WorkdirError(f"{key}: {e}") from e
     created = not run_dir.exists()
     try:
-        # In a multi-process run the other processes wait here until process 0 has the data
-        # and the single-device stages on disk, then read them (agre_jax/distributed.py).
-        with wd.lock(run_dir), distributed.PrimaryFirst("the data and the stages") as gate:
+        # In a multi-process run the other processes wait here until process 0 has prepared
+        # the data and checked every input, then read them (agre_jax/distributed.py); the
+        # trained stages then run on every process together.
+        with wd.lock(run_dir), distributed.PrimaryFirst("the data and the inputs") as gate:
             return _run(config, run_dir, stage_dir, run_layout, overwrite, start, gate)
     except errors.UserError:
         if (
@@ -122,6 +123,10 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
         counts = {s: d.group_counts() for s, d in data.splits.items()}
         groups = f"examples per group ({data.num_groups}): {core.describe_count_range(counts)}"
     print(f"[data] {data.name}: {sizes}; {groups}")
+    # Every input is checked and on disk: the other processes join from here. The ERM stages
+    # (pretraining, teachers, biased model, Deep Ensemble) train data-parallel on every process
+    # and the distillation too; process 0 alone fits the DFR heads (the others read them).
+    gate.release()
 
     pretrained, de_init = None, s_init
     if pdata is not None:
@@ -166,7 +171,6 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
             )
             d_heads = stages.dfr_stage(de_config, data, d_teachers, stage_dir, de_keys.dfr)
             deep = (d_teachers, d_heads)
-    gate.release()  # every stage the distillation reads is on disk
     student_model = settings.model(config.student, data.num_classes, data.dtype)
     init = None
     if s_init is not None:
