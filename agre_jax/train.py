@@ -41,6 +41,7 @@ def train_and_evaluate(
       loop.NonFiniteLossError: a stage diverged; its last good checkpoint is kept.
     """
     start = time.time()
+    config = settings.resolve_dtype(config)  # 'auto' -> this backend's dtype (done by main too)
     run_layout = settings.validate(config)
     run_dir = Path(workdir)
     stage_dir = Path(config.stage_dir) if config.stage_dir else run_dir / "stages"
