@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage_dir = ""  # where teacher/DFR stages live ('' = <workdir>/stages); shared by sweeps
     c.progress = True  # progress bars
     # One run over several processes or hosts (agre_jax/distributed.py): process 0 prepares the
-    # data and the single-device stages, the distillation's pmap spans every process's devices.
+    # data and fits DFR; the ERM stages' and the distillation's pmap span every process's devices.
     # Not part of a run's identity: a run may resume with another process count.
     c.distributed = ml_collections.ConfigDict()
     c.distributed.num_processes = 0  # 0: from SLURM / Open MPI when they launched several tasks
@@ -165,7 +165,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_every = 1  # epochs
     c.train.checkpoint_every = 200  # steps
     c.train.log_every = 20  # steps
-    c.train.pmap = "auto"  # 'auto' (pmap when several devices are visible), 'always', 'never'
+    # 'auto' (pmap when several devices are visible), 'always', 'never'; also the ERM stages'
+    c.train.pmap = "auto"
 
     if dataset == "waterbirds":
         c.data.name = "waterbirds"
