@@ -38,6 +38,7 @@ writes only its own run directory (its error.txt included).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import subprocess
@@ -50,10 +51,39 @@ from typing import Any
 
 import jax
 import ml_collections
-import submitit
 
 from agre_jax import errors, sweep, workdir
 from agre_jax.settings import resolve_dtype
+
+
+def _import_submitit() -> Any:
+    """submitit, imported without its logging set-up: on first import it calls
+    `logging.config.dictConfig`, which removes and closes every handler already installed,
+    and absl's handler then closes its stream whenever that is not the current sys.stderr
+    (a redirected or captured stderr: pytest's capture was closed under the test suite). Its
+    logger gets the same two handlers here instead (every record to stdout, warnings also to
+    stderr); SUBMITIT_LOG_LEVEL, when set, is submitit's own as before."""
+    if "submitit" in sys.modules or os.environ.get("SUBMITIT_LOG_LEVEL") is not None:
+        import submitit
+
+        return submitit
+    os.environ["SUBMITIT_LOG_LEVEL"] = "NOCONFIG"
+    try:
+        import submitit
+    finally:
+        del os.environ["SUBMITIT_LOG_LEVEL"]  # the jobs' environment: submitit's default
+    formatter = logging.Formatter("%(name)s %(levelname)s (%(asctime)s) - %(message)s")
+    logger = logging.getLogger("submitit")
+    logger.setLevel(logging.INFO)
+    for stream, level in ((sys.stdout, logging.DEBUG), (sys.stderr, logging.WARNING)):
+        handler = logging.StreamHandler(stream)
+        handler.setLevel(level)
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return submitit
+
+
+submitit = _import_submitit()
 
 JOBS_DIR = "jobs"  # in the sweep directory: submitit's pickles and each job's log
 # Keys read by the student's (distillation) stage only, never by a shared stage: runs that

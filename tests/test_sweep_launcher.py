@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +32,8 @@ from test_sweep import SWEEP_CONFIGS, assert_png, fake_results
 
 from agre_jax import launch, stages, sweep, sweep_runner, workdir
 from configs import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -539,3 +542,27 @@ def test_local_sweep_with_a_preempted_job_matches_inline(tmp_path, capsys):
     assert csv_values(local) == csv_values(inline)
     assert summary_values(local) == summary_values(inline)
     assert all(r["n"] == 2 for r in summary_values(local)["rows"])
+
+
+def test_importing_the_launcher_keeps_the_logging_handlers():
+    """submitit's first import runs logging.config.dictConfig, which closes every installed
+    handler; absl's then closed its stream (pytest's capture: `pytest tests/test_main.py`
+    alone crashed with 'I/O operation on closed file'). launch imports it without that
+    set-up; submitit's logger still gets its handlers. A fresh interpreter: this one has
+    submitit imported already."""
+    code = """
+import io, logging, sys
+bound = sys.stderr = io.StringIO()  # absl's handler binds the stderr of its import
+from absl import logging as absl_logging
+handlers = list(logging.getLogger().handlers)
+sys.stderr = io.StringIO()  # a redirected stderr while the launcher is first imported
+from agre_jax import launch
+assert not bound.closed, "absl's stream was closed"
+assert logging.getLogger().handlers == handlers, logging.getLogger().handlers
+assert len(logging.getLogger("submitit").handlers) == 2
+print("ok")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
