@@ -172,9 +172,10 @@ def layout(
     batch = _get(config, batch_key)
     if batch % (n * p):
         where = f"{n} devices" + (f" x {p} processes" if p > 1 else "")
+        hint = "" if p > 1 else ", or train.pmap='never'"  # several processes need pmap
         raise ConfigError(
             f"{batch_key} is {batch}, which does not divide over the {where} of "
-            "train.pmap; use a multiple of the device count, or train.pmap='never'"
+            f"train.pmap; use a multiple of the device count{hint}"
         )
     return Layout(devices=n, pmap=use_pmap, per_device_batch=batch // (n * p))
 

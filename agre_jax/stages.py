@@ -106,17 +106,23 @@ class Dataset:
 
     @property
     def key(self) -> dict[str, Any]:
-        """What a stage computed on this data depends on."""
-        decoded = self.splits["train"].encoding is None
+        """What a stage computed on this data depends on (without augmentation: see
+        `augmented_key`)."""
         return {
             "fingerprint": self.fingerprint,
             "image_size": self.image_size,
             "eval_transform": self.eval_transform,
             **({"device_input": self.device_cache.settings} if self.device_cache else {}),
-            # The training crop of decoded splits (pipeline._batch_fn), whose version 2 stopped
-            # filling edge lines with 0; encoded splits' (Waterbirds, CelebA) did not change.
-            **({"augment": pipeline.AUGMENT_VERSION} if decoded else {}),
         }
+
+    def augmented_key(self, augment: bool) -> dict[str, Any]:
+        """`key` for a stage that trains with `augment`: augmented training on a decoded split
+        also names the host crop's version (pipeline._batch_fn; version 2 stopped filling edge
+        lines with 0). Encoded splits' crop (Waterbirds, CelebA) did not change, and a stage
+        that does not augment keeps its key."""
+        if augment and self.splits["train"].encoding is None:
+            return {**self.key, "augment": pipeline.AUGMENT_VERSION}
+        return self.key
 
     def train_batches(
         self,
@@ -365,7 +371,12 @@ def pretrain_keys(config: ml_collections.ConfigDict, pdata: Dataset) -> dict[str
     settings_.pop("enabled", None)
     return {
         role: wd.key_of(
-            {"model": spec, "pretrain": settings_, "data": pdata.key, "dtype": config.dtype}
+            {
+                "model": spec,
+                "pretrain": settings_,
+                "data": pdata.augmented_key(config.pretrain.augment is True),
+                "dtype": config.dtype,
+            }
         )
         for role, spec in pretrain_roles(config).items()
     }
@@ -674,7 +685,7 @@ def stage_keys(
         for k in ("debiased", "map", "checkpoints", "init_from", "archs"):
             t.pop(k, None)
         what = {
-            "data": data.key,
+            "data": data.augmented_key(t.get("augment") is True),
             "teachers": t,
             "init": init.digest if init else "",
             "dtype": config.dtype,
@@ -698,7 +709,7 @@ def stage_keys(
             if biased_stage
             else config.biased.index
         ),
-        "data": data.key,
+        "data": data.augmented_key(config.train.augment is True),
     }
     # Where the student starts from (absent when from scratch: earlier keys stay valid).
     if "student" in pretrained:
@@ -719,8 +730,11 @@ def teachers_stage(
     init: Loaded | None = None,
     group_keys: Sequence[str] = (),
     backbones: Mapping[str, Loaded] | None = None,
+    label: str = "teachers",
 ) -> Teachers:
     """The ERM teachers: the ported ones, or M trained here once per key (resumable).
+    `label`: the prefix of its log lines ('biased', 'deep ensemble' for the networks trained
+    as a teacher stage for those roles).
 
     With teachers.archs of several architectures, each group is a teacher stage of its own
     (teacher_group_config, keyed by `group_keys` = Keys.groups, started from
@@ -749,10 +763,10 @@ def teachers_stage(
             raise ValueError(f"need one stage key per teacher group {groups}; got {group_keys}")
         parts = []
         for g, (arch, num) in enumerate(groups):
-            print(f"[teachers] group {g + 1}/{len(groups)}: {num} x {arch}")
+            print(f"[{label}] group {g + 1}/{len(groups)}: {num} x {arch}")
             sub = teacher_group_config(config, g)
             b = (backbones or {}).get(f"teachers:{arch}")
-            parts.append(teachers_stage(sub, data, stage_dir, group_keys[g], init=b))
+            parts.append(teachers_stage(sub, data, stage_dir, group_keys[g], init=b, label=label))
         return Teachers(
             models=tuple(p.models[0] for p in parts),
             group_sizes=tuple(p.group_sizes[0] for p in parts),
@@ -774,7 +788,7 @@ def teachers_stage(
     names = [f"erm_{m}" for m in range(cfg.num)]
     reused = done_on_primary(directory)
     if reused:
-        print(f"[teachers] reusing {directory}")
+        print(f"[{label}] reusing {directory}")
         seconds = read_stage(directory, lambda: wd.read_done(directory).get("seconds", 0.0))
     else:
         start = time.time()
@@ -787,6 +801,7 @@ def teachers_stage(
                 None if init is None else lambda v, path=init.path: _graft(v, init.variables, path)
             ),
             progress=config.progress,
+            name=label,
             pmap=erm_pmap(config, "teachers.batch_size"),
         )
         seconds = round(time.time() - start, 1)

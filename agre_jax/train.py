@@ -154,7 +154,9 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
             "as the biased model: a teacher stage"
         )
         b_init = pretrained.backbones.get("biased") if pretrained else None
-        trained = stages.teachers_stage(b_config, data, stage_dir, b_keys.teachers, init=b_init)
+        trained = stages.teachers_stage(
+            b_config, data, stage_dir, b_keys.teachers, init=b_init, label="biased"
+        )
         biased, b_record = stages.trained_biased(trained), trained.record
     ens = stages.build_ensemble(config, teachers, heads, biased, keys.inputs)
     deep = None
@@ -168,7 +170,7 @@ def _run(config, run_dir: Path, stage_dir: Path, run_layout, overwrite: bool, st
             deep = (teachers, heads)  # the teachers' own stages: nothing to read again
         else:
             d_teachers = stages.teachers_stage(
-                de_config, data, stage_dir, de_keys.teachers, init=de_init
+                de_config, data, stage_dir, de_keys.teachers, init=de_init, label="deep ensemble"
             )
             d_heads = stages.dfr_stage(de_config, data, d_teachers, stage_dir, de_keys.dfr)
             deep = (d_teachers, d_heads)

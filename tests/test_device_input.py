@@ -204,8 +204,9 @@ def test_augment_leaves_host_batches_and_keeps_leading_axes():
 
 
 def test_stage_keys_name_the_host_augmentation_of_decoded_splits():
-    """Stages trained on decoded splits with the crop before AUGMENT_VERSION 2 (edge lines
-    filled with 0) are not reused; encoded splits, whose crop did not change, keep their keys."""
+    """Stages trained augmented on decoded splits with the crop before AUGMENT_VERSION 2 (edge
+    lines filled with 0) are not reused; stages that do not augment, and encoded splits, whose
+    crop did not change, keep their keys."""
     encoded = _split([(4, 4)] * 2, "PNG")
     decoded = dataclasses.replace(encoded, images=tf.zeros((2, 4, 4, 3), tf.uint8), encoding=None)
     data = stages.Dataset(
@@ -213,11 +214,19 @@ def test_stage_keys_name_the_host_augmentation_of_decoded_splits():
         group_names=("0", "1", "2", "3"), train_counts=(1, 1, 0, 0), image_size=4,
         eval_batch_size=2, eval_transform="resize_crop", dtype=np.float32, fingerprint="f",
     )  # fmt: skip
-    assert data.key["augment"] == pipeline.AUGMENT_VERSION == 2
+    assert data.augmented_key(True) == {**data.key, "augment": pipeline.AUGMENT_VERSION}
+    assert pipeline.AUGMENT_VERSION == 2 and data.augmented_key(False) == data.key
     other = dataclasses.replace(data, splits={"train": encoded})
-    assert other.key == {k: v for k, v in data.key.items() if k != "augment"}
+    assert other.augmented_key(True) == other.key == data.key
     config = tiny.get_config()
-    assert stages.stage_keys(config, data).teachers != stages.stage_keys(config, other).teachers
+    config.teachers.augment, config.train.augment = True, False
+    keys, keys_other = stages.stage_keys(config, data), stages.stage_keys(config, other)
+    assert keys.teachers != keys_other.teachers  # augmented teachers: re-keyed
+    config.teachers.augment = False
+    keys, keys_other = stages.stage_keys(config, data), stages.stage_keys(config, other)
+    assert keys == keys_other  # nothing augmented: the keys of before the fix
+    config.train.augment = True
+    assert stages.stage_keys(config, data).inputs != stages.stage_keys(config, other).inputs
 
 
 # --- the cache ------------------------------------------------------------------------------

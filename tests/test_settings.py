@@ -104,8 +104,11 @@ def test_layout_over_several_processes():
     # one device per process still runs under pmap (its collectives span the processes)
     assert settings.layout(config, devices=1, processes=2) == settings.Layout(1, True, 8)
     config.train.batch_size = 12
-    with pytest.raises(errors.ConfigError, match="the 2 devices x 4 processes"):
+    with pytest.raises(errors.ConfigError, match="the 2 devices x 4 processes") as e:
         settings.layout(config, devices=2, processes=4)
+    assert "never" not in str(e.value)  # refused with several processes: not suggested
+    with pytest.raises(errors.ConfigError, match=r"device count, or train.pmap='never'$"):
+        settings.layout(config, devices=8, processes=1)
     config.train.batch_size = 16
     config.train.pmap = "never"
     with pytest.raises(errors.ConfigError, match="has 2 processes"):

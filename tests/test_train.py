@@ -127,6 +127,7 @@ def test_deep_ensemble_and_trained_biased_model(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[deep ensemble] 2 ERM networks of the student's architecture (resnet18, width 8)" in out
     assert "[biased] one ERM network of resnet34 (width 4) as the biased model" in out
+    assert "[biased] epoch 1/" in out and "[deep ensemble] epoch 1/" in out  # their own lines
     biased = report["models"]["biased"]
     assert (biased["source"], biased["arch"], biased["width"]) == ("trained", "resnet34", 4)
     assert not report["stages"]["biased"]["reused"]
