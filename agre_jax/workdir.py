@@ -107,13 +107,26 @@ def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
     """Dotted keys where two config dicts (config_dict) differ, except keys of ADDED_KEYS that
     the recorded one lacks while the current one has their neutral value, and keys of
     RESOLVED_KEYS where the current one holds the request and the recorded one a value it
-    resolves to."""
+    resolves to. teachers.archs naming one architecture equals teachers.arch set to it
+    (settings.validate has checked that it has teachers.num entries)."""
+    recorded, current = _one_architecture(recorded), _one_architecture(current)
     return [
         k
         for k in _diff(recorded, current)
         if not (k in ADDED_KEYS and _lacks(recorded, k) and _get(current, k) == ADDED_KEYS[k])
         and not _resolved(recorded, current, k)
     ]
+
+
+def _one_architecture(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config dict with teachers.archs of a single architecture spelled as teachers.arch
+    (teachers.archs empty): the same teachers, the same stages (stages.stage_keys), so the
+    same config."""
+    t = data.get("teachers")
+    archs = t.get("archs") if isinstance(t, Mapping) else None
+    if not isinstance(archs, list) or not archs or len(set(map(str, archs))) != 1:
+        return data
+    return {**data, "teachers": {**t, "arch": archs[0], "archs": []}}
 
 
 def _resolved(recorded: Mapping[str, Any], current: Mapping[str, Any], key: str) -> bool:

@@ -120,3 +120,22 @@ def test_configs_recorded_before_a_key_was_added_are_the_same_config(tmp_path):
     with pytest.raises(workdir.ConfigMismatchError, match="baselines.deep_ensemble"):
         workdir.prepare(run, config, overwrite=False)
     assert sweep_runner.status(sweep_runner.Run("v", 0, run, config)) == "changed"
+
+
+def test_one_architecture_spelled_as_archs_is_the_same_config():
+    """teachers.archs of one architecture is teachers.arch (the same stages): a run recorded
+    either way is the same config; another architecture or a mixed list is not."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    plain = workdir.config_dict(config)
+    m, arch = config.teachers.num, config.teachers.arch
+    config.teachers.archs = (arch,) * m
+    spelled = workdir.config_dict(config)
+    assert workdir.config_differences(plain, spelled) == []
+    assert workdir.config_differences(spelled, plain) == []
+    other = "resnet34" if arch != "resnet34" else "resnet18"
+    config.teachers.archs = (other,) * m
+    assert workdir.config_differences(plain, workdir.config_dict(config)) == ["teachers.arch"]
+    config.teachers.archs = (other,) + (arch,) * (m - 1)
+    assert set(workdir.config_differences(plain, workdir.config_dict(config))) == {"teachers.archs"}
