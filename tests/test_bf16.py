@@ -18,8 +18,8 @@ not a leak.
 from __future__ import annotations
 
 import functools
-import types
 
+import fakes
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,10 +169,7 @@ def test_auto_dtype_is_resolved_once_into_the_name_runs_are_identified_by(tmp_pa
     assert resolved.dtype == "float32" and auto.dtype == "auto"  # a copy
     assert settings.resolve_dtype(f32) is f32
     assert settings.resolve_dtype(auto, backend="gpu").dtype == "bfloat16"
-    data = types.SimpleNamespace(key="the-data", augmented_key=lambda augment: "the-data")
-    pdata = types.SimpleNamespace(
-        key="the-pretraining-data", augmented_key=lambda augment: "the-pretraining-data"
-    )
+    data, pdata = fakes.dataset_keys(), fakes.dataset_keys("the-pretraining-data")
     assert stages.stage_keys(resolved, data) == stages.stage_keys(f32, data)
     assert stages.pretrain_keys(resolved, pdata) == stages.pretrain_keys(f32, pdata)
     gpu = settings.resolve_dtype(auto, backend="gpu")

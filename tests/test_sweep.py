@@ -12,9 +12,9 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
+import fakes
 import ml_collections
 import pytest
 
@@ -569,7 +569,7 @@ def test_sweep_configs_plan_on_every_preset(tmp_path, name, preset):
     assert {json.dumps(r.config.data.to_dict(), sort_keys=True) for r in runs} == {
         json.dumps(config.data.to_dict(), sort_keys=True)
     }
-    data = types.SimpleNamespace(key="the-data", augmented_key=lambda augment: "the-data")
+    data = fakes.dataset_keys()
     keys = {(k.teachers, k.dfr) for k in (stages.stage_keys(r.config, data) for r in runs)}
     ensembles = {(r.config.teachers.num, settings.teacher_groups(r.config)) for r in runs}
     assert len(keys) == len(ensembles)  # (configs/sweeps/teacher_archs.py: one per ensemble)

@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import cloudpickle
+import fakes
 import jax
 import pytest
 import submitit
@@ -253,7 +253,7 @@ def test_runs_of_one_stage_group_have_the_same_stage_keys(tmp_path, name):
     """The grouping's premise on every sweep config: runs that differ only in STUDENT_KEYS
     have the same teacher, DFR and teacher-group stage keys (given the same data)."""
     config = __import__(f"configs.sweeps.{name}", fromlist=["get_config"]).get_config(None)
-    data = types.SimpleNamespace(key="the-data", augmented_key=lambda augment: "the-data")
+    data = fakes.dataset_keys()
     keys = {}
     for run in sweep_runner.plan(config, tmp_path):
         k = stages.stage_keys(run.config, data)
