@@ -384,6 +384,12 @@ def conv_general_dilated(
     )
 
 
+def _last_scale_init(zero: bool) -> Callable[..., jax.Array]:
+    """The scale initialiser of a residual branch's last BatchNorm: zeros with
+    zero_init_residual (each block starts as the identity), else flax's ones."""
+    return nn.initializers.zeros if zero else nn.initializers.ones
+
+
 class BasicBlock(nn.Module):
     """torchvision BasicBlock: two 3x3 convs, expansion 1."""
 
@@ -392,6 +398,7 @@ class BasicBlock(nn.Module):
     downsample: bool
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
+    zero_init_residual: bool = False
 
     expansion = 1
 
@@ -402,7 +409,7 @@ class BasicBlock(nn.Module):
         )
         out = nn.relu(self.norm(name="bn1")(out))
         out = self.conv(self.planes, (3, 3), 1, padding=((1, 1), (1, 1)), name="conv2")(out)
-        out = self.norm(name="bn2")(out)
+        out = self.norm(name="bn2", scale_init=_last_scale_init(self.zero_init_residual))(out)
         if self.downsample:
             x = self.conv(
                 self.planes, (1, 1), self.strides, padding="VALID", name="downsample_conv"
@@ -419,6 +426,7 @@ class Bottleneck(nn.Module):
     downsample: bool
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
+    zero_init_residual: bool = False
 
     expansion = 4
 
@@ -431,7 +439,7 @@ class Bottleneck(nn.Module):
         )
         out = nn.relu(self.norm(name="bn2")(out))
         out = self.conv(self.planes * 4, (1, 1), 1, padding="VALID", name="conv3")(out)
-        out = self.norm(name="bn3")(out)
+        out = self.norm(name="bn3", scale_init=_last_scale_init(self.zero_init_residual))(out)
         if self.downsample:
             x = self.conv(
                 self.planes * 4, (1, 1), self.strides, padding="VALID", name="downsample_conv"
@@ -449,6 +457,7 @@ class Stage(nn.Module):
     strides: int
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -456,9 +465,15 @@ class Stage(nn.Module):
         for i in range(self.num_blocks):
             strides = self.strides if i == 0 else 1
             downsample = i == 0 and (strides != 1 or x.shape[-1] != out_channels)
-            x = self.block_cls(self.planes, strides, downsample, self.conv, self.norm, name=str(i))(
-                x
-            )
+            x = self.block_cls(
+                self.planes,
+                strides,
+                downsample,
+                self.conv,
+                self.norm,
+                self.zero_init_residual,
+                name=str(i),
+            )(x)
         return x
 
 
@@ -486,6 +501,10 @@ class ResNet(nn.Module):
       conv_impl: 'auto' (convolutions into small maps from shifted slices, see
         `conv_general_dilated`) or 'lax' (always `lax.conv_general_dilated`). Same parameters
         and, up to float summation order, the same outputs.
+      zero_init_residual: initialise the scale of each residual branch's last BatchNorm
+        (bn2 of BasicBlock, bn3 of Bottleneck) to zero, so that every block starts as the
+        identity (torchvision's `zero_init_residual`; Goyal et al. 2017, "Accurate, Large
+        Minibatch SGD", section 5.1). Only the initial values change, not the parameters.
     """
 
     stage_sizes: Sequence[int]
@@ -497,6 +516,7 @@ class ResNet(nn.Module):
     bn_momentum: float = BN_MOMENTUM
     bn_axis_name: str | None = None
     conv_impl: str = "auto"
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -537,6 +557,7 @@ class ResNet(nn.Module):
                 1 if k == 0 else 2,
                 conv,
                 norm,
+                self.zero_init_residual,
                 name=f"layer{k + 1}",
             )(x)
         x = GlobalAvgPool(name="pooled")(x)
@@ -549,6 +570,7 @@ _SPECS: dict[str, tuple[tuple[int, ...], type[nn.Module]]] = {
     "resnet34": ((3, 4, 6, 3), BasicBlock),
     "resnet50": ((3, 4, 6, 3), Bottleneck),
 }
+BOTTLENECK_ARCHS = tuple(a for a, (_, block) in _SPECS.items() if block is Bottleneck)
 
 
 def create(arch: str, num_classes: int, **options: Any) -> ResNet:

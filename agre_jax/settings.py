@@ -324,7 +324,7 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
     for key, epochs in (
         ("teachers.optimizer", t.epochs),
         ("train.optimizer", config.train.epochs),
-        ("pretrain.optimizer", config.pretrain.epochs),
+        ("pretrain.optimizer", _fewest_pretrain_epochs(config)),
     ):
         epochs = epochs if isinstance(epochs, int) and epochs >= 1 else 0
         problems += optim.check_config(_get(config, key), key, epochs)
@@ -334,14 +334,37 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems + _archs_problems(config) + _pretrain_problems(config)
 
 
+def _fewest_pretrain_epochs(config: ml_collections.ConfigDict) -> Any:
+    """pretrain.epochs, or pretrain.bottleneck.epochs when that is fewer (and set): the
+    pretraining optimizer's warm-up must fit in both."""
+    epochs = config.pretrain.epochs
+    other = config.pretrain.get("bottleneck", {}).get("epochs", 0)
+    if isinstance(other, int) and not isinstance(other, bool) and other >= 1:
+        return min(epochs, other) if isinstance(epochs, int) else epochs
+    return epochs
+
+
 def _pretrain_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """pretrain.enabled is a bool, and excludes ported starting weights (one way to start)."""
+    """pretrain.enabled is a bool, and excludes ported starting weights (one way to start);
+    pretrain.bottleneck's epochs an integer >= 0 and zero_init_residual a bool."""
+    problems = []
+    b = config.pretrain.get("bottleneck", {})
+    epochs, zero = b.get("epochs", 0), b.get("zero_init_residual", False)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        problems.append(
+            f"pretrain.bottleneck.epochs is {epochs!r}; expected an integer >= 0 (0: "
+            "pretrain.epochs)"
+        )
+    if not isinstance(zero, bool):
+        problems.append(
+            f"pretrain.bottleneck.zero_init_residual is {zero!r}; expected True or False"
+        )
     enabled = config.pretrain.enabled
     if not isinstance(enabled, bool):
-        return [f"pretrain.enabled is {enabled!r}; expected True or False"]
+        return [*problems, f"pretrain.enabled is {enabled!r}; expected True or False"]
     if not enabled:
-        return []
-    return [
+        return problems
+    return problems + [
         f"pretrain.enabled is True and {key} is {_get(config, key)!r}; expected one way to "
         f"start: pretraining or ported weights (set {key}='' to start from the pretrain stage, "
         "or --config.pretrain.enabled=False to start from the ported weights)"

@@ -363,23 +363,44 @@ def pretrain_roles(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
     return out
 
 
+def pretrain_recipe(config: ml_collections.ConfigDict, arch: str) -> dict[str, Any]:
+    """How the pretrain stage trains a network of `arch`: {'epochs', 'zero_init_residual'}.
+
+    Bottleneck networks (models.BOTTLENECK_ARCHS: ResNet-50) take pretrain.bottleneck's
+    epochs (0: pretrain.epochs) and zero_init_residual (models.ResNet); the basic-block ones
+    pretrain.epochs and torchvision's init."""
+    cfg = config.pretrain
+    b = cfg.get("bottleneck", {})
+    if arch in models.BOTTLENECK_ARCHS:
+        return {
+            "epochs": b.get("epochs", 0) or cfg.epochs,
+            "zero_init_residual": b.get("zero_init_residual", False) is True,
+        }
+    return {"epochs": cfg.epochs, "zero_init_residual": False}
+
+
 def pretrain_keys(config: ml_collections.ConfigDict, pdata: Dataset) -> dict[str, str]:
     """Role -> content key of its pretrained network: the architecture, the pretraining
-    settings and the pretraining data (its fingerprint, image size and transform). Roles with
-    the same architecture share a key, hence one network."""
+    settings as they apply to it (pretrain_recipe) and the pretraining data (its fingerprint,
+    image size and transform). Roles with the same architecture share a key, hence one
+    network. A network of torchvision's init keeps the key it had before pretrain.bottleneck
+    existed."""
     settings_ = wd.config_dict(config)["pretrain"]
-    settings_.pop("enabled", None)
-    return {
-        role: wd.key_of(
+    for k in ("enabled", "bottleneck"):
+        settings_.pop(k, None)
+    keys = {}
+    for role, spec in pretrain_roles(config).items():
+        recipe = pretrain_recipe(config, spec["arch"])
+        model = {**spec, "zero_init_residual": True} if recipe["zero_init_residual"] else spec
+        keys[role] = wd.key_of(
             {
-                "model": spec,
-                "pretrain": settings_,
+                "model": model,
+                "pretrain": {**settings_, "epochs": recipe["epochs"]},
                 "data": pdata.augmented_key(config.pretrain.augment is True),
                 "dtype": config.dtype,
             }
         )
-        for role, spec in pretrain_roles(config).items()
-    }
+    return keys
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -412,9 +433,12 @@ def pretrain_stage(
             continue
         spec = specs[role]
         directory = stage_dir / f"pretrain-{key}"
+        recipe = pretrain_recipe(config, spec["arch"])
         model = settings.model(ml_collections.ConfigDict(spec), pdata.num_classes, pdata.dtype)
+        model = model.clone(zero_init_residual=recipe["zero_init_residual"])
         what = (
             f"{spec['arch']} width {spec['width']}{', small input' if spec['small_input'] else ''}"
+            f"{', zero-initialised residual branches' if recipe['zero_init_residual'] else ''}"
         )
         reused = done_on_primary(directory)
         if reused:
@@ -422,14 +446,14 @@ def pretrain_stage(
         else:
             print(
                 f"[pretrain] {what} on {pdata.name}: {pdata.splits['train'].num_examples} "
-                f"training examples, {pdata.num_classes} classes, {cfg.epochs} epochs"
+                f"training examples, {pdata.num_classes} classes, {recipe['epochs']} epochs"
             )
             start = time.time()
             erm_cfg = ml_collections.ConfigDict(
                 {
                     "num": 1,
                     "seed": cfg.seed,
-                    "epochs": cfg.epochs,
+                    "epochs": recipe["epochs"],
                     "batch_size": cfg.batch_size,
                     "augment": cfg.augment,
                     "optimizer": cfg.optimizer,

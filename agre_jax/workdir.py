@@ -90,7 +90,13 @@ ADDED_KEYS: dict[str, Any] = {
     "distill.feature_weighting": "shared",
     "teachers.archs": [],  # (config_dict lists tuples)
     "data.device_augment": False,
+    "pretrain.bottleneck.epochs": 0,
+    "pretrain.bottleneck.zero_init_residual": False,
 }
+
+# Keys that only change the pretraining of networks of Bottleneck blocks (ResNet-50): between
+# two configs neither of which pretrains one, they are not differences (the same stages).
+BOTTLENECK_PRETRAIN_KEYS = ("pretrain.bottleneck.epochs", "pretrain.bottleneck.zero_init_residual")
 
 
 # Keys whose value may be a request that each run resolves on the machine it runs on, with
@@ -108,14 +114,36 @@ def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
     the recorded one lacks while the current one has their neutral value, and keys of
     RESOLVED_KEYS where the current one holds the request and the recorded one a value it
     resolves to. teachers.archs naming one architecture equals teachers.arch set to it
-    (settings.validate has checked that it has teachers.num entries)."""
+    (settings.validate has checked that it has teachers.num entries), and
+    BOTTLENECK_PRETRAIN_KEYS count only where either config pretrains a ResNet-50."""
     recorded, current = _one_architecture(recorded), _one_architecture(current)
+    unused = not (_pretrains_bottleneck(recorded) or _pretrains_bottleneck(current))
     return [
         k
         for k in _diff(recorded, current)
         if not (k in ADDED_KEYS and _lacks(recorded, k) and _get(current, k) == ADDED_KEYS[k])
         and not _resolved(recorded, current, k)
+        and not (unused and k in BOTTLENECK_PRETRAIN_KEYS)
     ]
+
+
+def _pretrains_bottleneck(data: Mapping[str, Any]) -> bool:
+    """Whether a config dict's pretrain stage trains a network of Bottleneck blocks: its
+    teachers' (unless ported), student's or trained biased model's architecture
+    (stages.pretrain_roles)."""
+    from agre_jax import models  # (jax and flax: not for every user of this module)
+
+    def section(name: str) -> Mapping[str, Any]:
+        value = data.get(name)
+        return value if isinstance(value, Mapping) else {}
+
+    if section("pretrain").get("enabled") is not True:
+        return False
+    t = section("teachers")
+    archs = {section("student").get("arch"), section("biased").get("arch")}
+    if not t.get("checkpoints"):
+        archs |= set(t.get("archs") or [t.get("arch")])
+    return bool(archs & set(models.BOTTLENECK_ARCHS))
 
 
 def _one_architecture(data: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -361,3 +361,38 @@ def test_init_compiles_once_and_equals_flax_init():
     # Under a trace it is plain flax init (no compile of its own).
     shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0), 16))
     assert jax.tree.structure(shapes) == jax.tree.structure(ours)
+
+
+@pytest.mark.parametrize("block", [models.BasicBlock, models.Bottleneck])
+def test_zero_init_residual_zeroes_only_the_last_scale_of_each_branch(block):
+    """zero_init_residual changes the initial values of bn2 (BasicBlock) / bn3 (Bottleneck)
+    scales to zero and nothing else (same tree, same other values), so that a block without
+    downsampling maps its input to itself."""
+    kwargs = dict(stage_sizes=(2, 1, 1, 1), block_cls=block, num_classes=3, width=2)
+    plain = models.ResNet(**kwargs, small_input=True)
+    zero = plain.clone(zero_init_residual=True)
+    a, b = models.init(plain, jax.random.key(0), 8), models.init(zero, jax.random.key(0), 8)
+    last = "bn3" if block is models.Bottleneck else "bn2"
+    expected = jax.tree.map_with_path(
+        lambda path, x: (
+            jnp.zeros_like(x)
+            if any(getattr(k, "key", None) == last for k in path) and path[-1].key == "scale"
+            else x
+        ),
+        a,
+    )
+    chex.assert_trees_all_equal(b, expected)
+    assert float(jnp.abs(a["params"]["layer1"]["1"][last]["scale"]).sum()) > 0
+    # Block layer1/1 (no downsampling) is the identity on its (non-negative) input.
+    _, state = zero.apply(
+        b, jnp.ones((2, 8, 8, 3)), capture_intermediates=True, mutable=["intermediates"]
+    )
+    inner = state["intermediates"]["layer1"]
+    assert "0" in inner and "1" in inner
+    chex.assert_trees_all_close(inner["1"]["__call__"][0], inner["0"]["__call__"][0])
+    other = jax.tree.map(lambda x: x + 0.5, b)  # with non-zero scales it is not
+    _, state = zero.apply(
+        other, jnp.ones((2, 8, 8, 3)), capture_intermediates=True, mutable=["intermediates"]
+    )
+    inner = state["intermediates"]["layer1"]
+    assert not np.allclose(inner["1"]["__call__"][0], inner["0"]["__call__"][0])

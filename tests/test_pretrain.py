@@ -111,6 +111,40 @@ def test_downstream_keys_follow_the_pretrained_network(trained):
     assert stages.pretrain_roles(mixed)["teachers"]["arch"] == "resnet34"
 
 
+def test_bottleneck_recipe_keys_only_resnet50(trained):
+    """pretrain.bottleneck applies to (and is keyed into) ResNet-50 pretraining only: the
+    basic networks' keys ignore it, and with its neutral values (or without the section, as
+    configs had it before) a ResNet-50's key is what it was."""
+    config, pdata, _, _ = trained
+    config = config.copy_and_resolve_references()
+    config.teachers.arch = "resnet50"
+    config.pretrain.bottleneck.epochs = 0
+    config.pretrain.bottleneck.zero_init_residual = False
+    neutral = stages.pretrain_keys(config, pdata)
+    assert stages.pretrain_recipe(config, "resnet50") == {
+        "epochs": config.pretrain.epochs,
+        "zero_init_residual": False,
+    }
+    config.pretrain.bottleneck.epochs = 3
+    config.pretrain.bottleneck.zero_init_residual = True
+    assert stages.pretrain_recipe(config, "resnet50") == {"epochs": 3, "zero_init_residual": True}
+    assert stages.pretrain_recipe(config, "resnet34") == {
+        "epochs": config.pretrain.epochs,
+        "zero_init_residual": False,
+    }
+    keys = stages.pretrain_keys(config, pdata)
+    assert keys["student"] == neutral["student"]  # the ResNet-18's
+    assert keys["teachers"] != neutral["teachers"]
+    config.pretrain.bottleneck.zero_init_residual = False
+    assert stages.pretrain_keys(config, pdata)["teachers"] not in {
+        keys["teachers"],
+        neutral["teachers"],
+    }
+    with config.unlocked():
+        del config.pretrain["bottleneck"]
+    assert stages.pretrain_keys(config, pdata) == neutral
+
+
 def test_graft_keeps_the_backbone_and_starts_fresh_heads(trained):
     config, pdata, _, out = trained
     loaded = out.backbones["student"]

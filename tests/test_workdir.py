@@ -139,3 +139,28 @@ def test_one_architecture_spelled_as_archs_is_the_same_config():
     assert workdir.config_differences(plain, workdir.config_dict(config)) == ["teachers.arch"]
     config.teachers.archs = (other,) + (arch,) * (m - 1)
     assert set(workdir.config_differences(plain, workdir.config_dict(config))) == {"teachers.archs"}
+
+
+def test_resnet50_pretraining_keys_count_only_where_a_resnet50_pretrains():
+    """pretrain.bottleneck (recorded before it existed, or set otherwise) is no difference
+    between configs that pretrain no ResNet-50, and a difference where one does."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.pretrain.enabled = True
+    old = workdir.config_dict(config)
+    del old["pretrain"]["bottleneck"]
+    config.pretrain.bottleneck.epochs = 12
+    config.pretrain.bottleneck.zero_init_residual = True
+    assert workdir.config_differences(old, workdir.config_dict(config)) == []
+    for key, arch in (("teachers.arch", "resnet50"), ("student.arch", "resnet50")):
+        other = config.copy_and_resolve_references()
+        section, name = key.split(".")
+        other[section][name] = arch
+        diff = workdir.config_differences(old, workdir.config_dict(other))
+        assert set(diff) == {key, *workdir.BOTTLENECK_PRETRAIN_KEYS}
+    config.pretrain.enabled = False  # no pretraining: nothing pretrains a ResNet-50
+    config.teachers.arch = "resnet50"
+    recorded = workdir.config_dict(config)
+    config.pretrain.bottleneck.epochs = 3
+    assert workdir.config_differences(recorded, workdir.config_dict(config)) == []
