@@ -570,7 +570,6 @@ _SPECS: dict[str, tuple[tuple[int, ...], type[nn.Module]]] = {
     "resnet34": ((3, 4, 6, 3), BasicBlock),
     "resnet50": ((3, 4, 6, 3), Bottleneck),
 }
-BOTTLENECK_ARCHS = tuple(a for a, (_, block) in _SPECS.items() if block is Bottleneck)
 
 
 def create(arch: str, num_classes: int, **options: Any) -> ResNet:

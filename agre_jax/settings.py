@@ -335,30 +335,40 @@ def _scalar_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _fewest_pretrain_epochs(config: ml_collections.ConfigDict) -> Any:
-    """pretrain.epochs, or pretrain.bottleneck.epochs when that is fewer (and set): the
-    pretraining optimizer's warm-up must fit in both."""
+    """pretrain.epochs, or the fewest of pretrain.per_arch's epochs when fewer (and set): the
+    pretraining optimizer's warm-up must fit in each."""
     epochs = config.pretrain.epochs
-    other = config.pretrain.get("bottleneck", {}).get("epochs", 0)
-    if isinstance(other, int) and not isinstance(other, bool) and other >= 1:
-        return min(epochs, other) if isinstance(epochs, int) else epochs
+    if not isinstance(epochs, int):
+        return epochs
+    for own in config.pretrain.get("per_arch", {}).values():
+        other = own.get("epochs", 0)
+        if isinstance(other, int) and not isinstance(other, bool) and other >= 1:
+            epochs = min(epochs, other)
     return epochs
 
 
 def _pretrain_problems(config: ml_collections.ConfigDict) -> list[str]:
     """pretrain.enabled is a bool, and excludes ported starting weights (one way to start);
-    pretrain.bottleneck's epochs an integer >= 0 and zero_init_residual a bool."""
+    pretrain.per_arch names architectures, each with epochs an integer >= 0 and
+    zero_init_residual a bool."""
     problems = []
-    b = config.pretrain.get("bottleneck", {})
-    epochs, zero = b.get("epochs", 0), b.get("zero_init_residual", False)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+    per_arch = config.pretrain.get("per_arch", {})
+    unknown = sorted(set(per_arch) - set(models.ARCHS))
+    if unknown:
         problems.append(
-            f"pretrain.bottleneck.epochs is {epochs!r}; expected an integer >= 0 (0: "
-            "pretrain.epochs)"
+            f"pretrain.per_arch has {unknown}; expected architectures among {models.ARCHS}"
         )
-    if not isinstance(zero, bool):
-        problems.append(
-            f"pretrain.bottleneck.zero_init_residual is {zero!r}; expected True or False"
-        )
+    for arch, own in per_arch.items():
+        epochs, zero = own.get("epochs", 0), own.get("zero_init_residual", False)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            problems.append(
+                f"pretrain.per_arch.{arch}.epochs is {epochs!r}; expected an integer >= 0 (0: "
+                "pretrain.epochs)"
+            )
+        if not isinstance(zero, bool):
+            problems.append(
+                f"pretrain.per_arch.{arch}.zero_init_residual is {zero!r}; expected True or False"
+            )
     enabled = config.pretrain.enabled
     if not isinstance(enabled, bool):
         return [*problems, f"pretrain.enabled is {enabled!r}; expected True or False"]

@@ -364,29 +364,25 @@ def pretrain_roles(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
 
 
 def pretrain_recipe(config: ml_collections.ConfigDict, arch: str) -> dict[str, Any]:
-    """How the pretrain stage trains a network of `arch`: {'epochs', 'zero_init_residual'}.
-
-    Bottleneck networks (models.BOTTLENECK_ARCHS: ResNet-50) take pretrain.bottleneck's
-    epochs (0: pretrain.epochs) and zero_init_residual (models.ResNet); the basic-block ones
-    pretrain.epochs and torchvision's init."""
+    """How the pretrain stage trains a network of `arch`: {'epochs', 'zero_init_residual'},
+    from pretrain.per_arch.<arch> (epochs 0: pretrain.epochs; zero_init_residual: models.ResNet),
+    neutral where a config has no such entry (as configs before it)."""
     cfg = config.pretrain
-    b = cfg.get("bottleneck", {})
-    if arch in models.BOTTLENECK_ARCHS:
-        return {
-            "epochs": b.get("epochs", 0) or cfg.epochs,
-            "zero_init_residual": b.get("zero_init_residual", False) is True,
-        }
-    return {"epochs": cfg.epochs, "zero_init_residual": False}
+    own = cfg.get("per_arch", {}).get(arch, {})
+    return {
+        "epochs": own.get("epochs", 0) or cfg.epochs,
+        "zero_init_residual": own.get("zero_init_residual", False) is True,
+    }
 
 
 def pretrain_keys(config: ml_collections.ConfigDict, pdata: Dataset) -> dict[str, str]:
     """Role -> content key of its pretrained network: the architecture, the pretraining
     settings as they apply to it (pretrain_recipe) and the pretraining data (its fingerprint,
     image size and transform). Roles with the same architecture share a key, hence one
-    network. A network of torchvision's init keeps the key it had before pretrain.bottleneck
-    existed."""
+    network. With per_arch's neutral values a network keeps the key it had before
+    pretrain.per_arch existed."""
     settings_ = wd.config_dict(config)["pretrain"]
-    for k in ("enabled", "bottleneck"):
+    for k in ("enabled", "per_arch"):
         settings_.pop(k, None)
     keys = {}
     for role, spec in pretrain_roles(config).items():

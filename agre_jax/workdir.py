@@ -90,13 +90,16 @@ ADDED_KEYS: dict[str, Any] = {
     "distill.feature_weighting": "shared",
     "teachers.archs": [],  # (config_dict lists tuples)
     "data.device_augment": False,
-    "pretrain.bottleneck.epochs": 0,
-    "pretrain.bottleneck.zero_init_residual": False,
+    **{
+        f"pretrain.per_arch.{arch}.{k}": v
+        for arch in ("resnet18", "resnet34", "resnet50")  # models.ARCHS
+        for k, v in (("epochs", 0), ("zero_init_residual", False))
+    },
 }
 
-# Keys that only change the pretraining of networks of Bottleneck blocks (ResNet-50): between
-# two configs neither of which pretrains one, they are not differences (the same stages).
-BOTTLENECK_PRETRAIN_KEYS = ("pretrain.bottleneck.epochs", "pretrain.bottleneck.zero_init_residual")
+# pretrain.per_arch.<arch>.* only change the pretraining of <arch>'s network: between two
+# configs neither of which pretrains one, they are not differences (the same stages).
+PER_ARCH_PREFIX = "pretrain.per_arch."
 
 
 # Keys whose value may be a request that each run resolves on the machine it runs on, with
@@ -115,35 +118,36 @@ def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
     RESOLVED_KEYS where the current one holds the request and the recorded one a value it
     resolves to. teachers.archs naming one architecture equals teachers.arch set to it
     (settings.validate has checked that it has teachers.num entries), and
-    BOTTLENECK_PRETRAIN_KEYS count only where either config pretrains a ResNet-50."""
+    pretrain.per_arch.<arch> keys count only where either config pretrains an <arch>."""
     recorded, current = _one_architecture(recorded), _one_architecture(current)
-    unused = not (_pretrains_bottleneck(recorded) or _pretrains_bottleneck(current))
+    pretrained = _pretrained_archs(recorded) | _pretrained_archs(current)
     return [
         k
         for k in _diff(recorded, current)
         if not (k in ADDED_KEYS and _lacks(recorded, k) and _get(current, k) == ADDED_KEYS[k])
         and not _resolved(recorded, current, k)
-        and not (unused and k in BOTTLENECK_PRETRAIN_KEYS)
+        and not (
+            k.startswith(PER_ARCH_PREFIX)
+            and k[len(PER_ARCH_PREFIX) :].split(".")[0] not in pretrained
+        )
     ]
 
 
-def _pretrains_bottleneck(data: Mapping[str, Any]) -> bool:
-    """Whether a config dict's pretrain stage trains a network of Bottleneck blocks: its
-    teachers' (unless ported), student's or trained biased model's architecture
-    (stages.pretrain_roles)."""
-    from agre_jax import models  # (jax and flax: not for every user of this module)
+def _pretrained_archs(data: Mapping[str, Any]) -> set[str]:
+    """The architectures a config dict's pretrain stage trains: its teachers' (unless
+    ported), student's and trained biased model's (stages.pretrain_roles)."""
 
     def section(name: str) -> Mapping[str, Any]:
         value = data.get(name)
         return value if isinstance(value, Mapping) else {}
 
     if section("pretrain").get("enabled") is not True:
-        return False
+        return set()
     t = section("teachers")
     archs = {section("student").get("arch"), section("biased").get("arch")}
     if not t.get("checkpoints"):
         archs |= set(t.get("archs") or [t.get("arch")])
-    return bool(archs & set(models.BOTTLENECK_ARCHS))
+    return {a for a in archs if isinstance(a, str) and a}
 
 
 def _one_architecture(data: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from agre_jax import models
+
 DATASETS = ("synthetic", "waterbirds", "celeba", "cmnist")
 
 
@@ -123,11 +125,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.batch_size = 32
     c.pretrain.augment = False  # as teachers.augment
     c.pretrain.optimizer = _optimizer(0.05, 5e-4)  # from scratch, as ImageNet training (lr 0.1)
-    # Where networks of Bottleneck blocks (ResNet-50) pretrain otherwise than the basic-block
-    # ones (ResNet-18/34): their epochs (0 = pretrain.epochs) and whether each residual
-    # branch's last BatchNorm starts at zero (torchvision's zero_init_residual). Keyed only
-    # into ResNet-50 pretraining: the other networks' stages do not depend on it.
-    c.pretrain.bottleneck = ml_collections.ConfigDict(dict(epochs=0, zero_init_residual=False))
+    # Per architecture, where its pretraining differs from the above: epochs (0 =
+    # pretrain.epochs) and whether each residual branch's last BatchNorm starts at zero
+    # (torchvision's zero_init_residual). Keyed only into that architecture's network.
+    c.pretrain.per_arch = ml_collections.ConfigDict(
+        {arch: dict(epochs=0, zero_init_residual=False) for arch in models.ARCHS}
+    )
 
     # Baselines beside the distilled student, in the same report.
     c.baselines = ml_collections.ConfigDict()
@@ -205,8 +208,8 @@ def _synthetic(c: ml_collections.ConfigDict) -> None:
     # A width-8 ResNet-50 does not learn this task in 4 epochs from torchvision's init (9.6 %
     # validation accuracy on 12 classes, chance 8.3; ResNet-18 29.2, ResNet-34 21.5): it
     # gets 3x the epochs and zero-initialised residual branches (Goyal et al. 2017, 5.1).
-    c.pretrain.bottleneck.epochs = 12
-    c.pretrain.bottleneck.zero_init_residual = True
+    c.pretrain.per_arch.resnet50.epochs = 12
+    c.pretrain.per_arch.resnet50.zero_init_residual = True
     c.teachers.arch = "resnet18"
     c.teachers.width = 8
     c.teachers.small_input = True

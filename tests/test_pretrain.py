@@ -111,37 +111,35 @@ def test_downstream_keys_follow_the_pretrained_network(trained):
     assert stages.pretrain_roles(mixed)["teachers"]["arch"] == "resnet34"
 
 
-def test_bottleneck_recipe_keys_only_resnet50(trained):
-    """pretrain.bottleneck applies to (and is keyed into) ResNet-50 pretraining only: the
-    basic networks' keys ignore it, and with its neutral values (or without the section, as
-    configs had it before) a ResNet-50's key is what it was."""
+def test_per_arch_recipe_is_keyed_into_its_architecture_only(trained):
+    """pretrain.per_arch.<arch> applies to (and is keyed into) that architecture's network
+    only, and with its neutral values (or without the section, as configs had it before) a
+    network's key is what it was."""
     config, pdata, _, _ = trained
     config = config.copy_and_resolve_references()
     config.teachers.arch = "resnet50"
-    config.pretrain.bottleneck.epochs = 0
-    config.pretrain.bottleneck.zero_init_residual = False
+    config.pretrain.per_arch.resnet50.epochs = 0
+    config.pretrain.per_arch.resnet50.zero_init_residual = False
     neutral = stages.pretrain_keys(config, pdata)
-    assert stages.pretrain_recipe(config, "resnet50") == {
-        "epochs": config.pretrain.epochs,
-        "zero_init_residual": False,
-    }
-    config.pretrain.bottleneck.epochs = 3
-    config.pretrain.bottleneck.zero_init_residual = True
+    plain = {"epochs": config.pretrain.epochs, "zero_init_residual": False}
+    assert stages.pretrain_recipe(config, "resnet50") == plain
+    config.pretrain.per_arch.resnet50.epochs = 3
+    config.pretrain.per_arch.resnet50.zero_init_residual = True
     assert stages.pretrain_recipe(config, "resnet50") == {"epochs": 3, "zero_init_residual": True}
-    assert stages.pretrain_recipe(config, "resnet34") == {
-        "epochs": config.pretrain.epochs,
-        "zero_init_residual": False,
-    }
+    assert stages.pretrain_recipe(config, "resnet34") == plain
     keys = stages.pretrain_keys(config, pdata)
     assert keys["student"] == neutral["student"]  # the ResNet-18's
     assert keys["teachers"] != neutral["teachers"]
-    config.pretrain.bottleneck.zero_init_residual = False
+    config.pretrain.per_arch.resnet50.zero_init_residual = False
     assert stages.pretrain_keys(config, pdata)["teachers"] not in {
         keys["teachers"],
         neutral["teachers"],
     }
+    config.pretrain.per_arch.resnet18.epochs = 2  # the student's network alone moves
+    moved = stages.pretrain_keys(config, pdata)
+    assert moved["student"] != neutral["student"] and moved["teachers"] != neutral["teachers"]
     with config.unlocked():
-        del config.pretrain["bottleneck"]
+        del config.pretrain["per_arch"]
     assert stages.pretrain_keys(config, pdata) == neutral
 
 

@@ -60,8 +60,8 @@ def test_cmnist_preset_aligned_ratio_is_a_builder_knob():
         ("dfr.learning_rate", math.inf, "dfr.learning_rate is inf"),
         ("dtype", "float16", "dtype is 'float16'"),
         ("train.pmap", "sometimes", "train.pmap is 'sometimes'"),
-        ("pretrain.bottleneck.epochs", -1, "pretrain.bottleneck.epochs is -1"),
-        ("pretrain.bottleneck.zero_init_residual", None, "zero_init_residual is None; expected"),
+        ("pretrain.per_arch.resnet34.epochs", -1, "pretrain.per_arch.resnet34.epochs is -1"),
+        ("pretrain.per_arch.resnet50.zero_init_residual", None, "zero_init_residual is None"),
     ],
 )
 def test_validate_names_key_value_and_expectation(key, value, message):

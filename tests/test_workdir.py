@@ -141,26 +141,32 @@ def test_one_architecture_spelled_as_archs_is_the_same_config():
     assert set(workdir.config_differences(plain, workdir.config_dict(config))) == {"teachers.archs"}
 
 
-def test_resnet50_pretraining_keys_count_only_where_a_resnet50_pretrains():
-    """pretrain.bottleneck (recorded before it existed, or set otherwise) is no difference
-    between configs that pretrain no ResNet-50, and a difference where one does."""
+def test_per_arch_pretraining_keys_count_only_where_that_architecture_pretrains():
+    """pretrain.per_arch.<arch> (recorded before it existed, or set otherwise) is no
+    difference between configs that pretrain no <arch> network, and a difference where one
+    does; ADDED_KEYS names every architecture's."""
+    from agre_jax import models
     from configs import tiny
 
+    assert {k.split(".")[2] for k in workdir.ADDED_KEYS if k.startswith("pretrain.")} == set(
+        models.ARCHS
+    )
     config = tiny.get_config()
     config.pretrain.enabled = True
     old = workdir.config_dict(config)
-    del old["pretrain"]["bottleneck"]
-    config.pretrain.bottleneck.epochs = 12
-    config.pretrain.bottleneck.zero_init_residual = True
+    del old["pretrain"]["per_arch"]
+    config.pretrain.per_arch.resnet50.epochs = 12
+    config.pretrain.per_arch.resnet50.zero_init_residual = True
     assert workdir.config_differences(old, workdir.config_dict(config)) == []
-    for key, arch in (("teachers.arch", "resnet50"), ("student.arch", "resnet50")):
+    r50 = {"pretrain.per_arch.resnet50.epochs", "pretrain.per_arch.resnet50.zero_init_residual"}
+    for key in ("teachers.arch", "student.arch", "biased.arch"):
         other = config.copy_and_resolve_references()
         section, name = key.split(".")
-        other[section][name] = arch
+        other[section][name] = "resnet50"
         diff = workdir.config_differences(old, workdir.config_dict(other))
-        assert set(diff) == {key, *workdir.BOTTLENECK_PRETRAIN_KEYS}
+        assert set(diff) == {key, *r50}
     config.pretrain.enabled = False  # no pretraining: nothing pretrains a ResNet-50
     config.teachers.arch = "resnet50"
     recorded = workdir.config_dict(config)
-    config.pretrain.bottleneck.epochs = 3
+    config.pretrain.per_arch.resnet50.epochs = 3
     assert workdir.config_differences(recorded, workdir.config_dict(config)) == []
