@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from agre_jax import models
-
 DATASETS = ("synthetic", "waterbirds", "celeba", "cmnist")
+
+# agre_jax.models.ARCHS (configs import neither jax nor flax: tests/test_sweep.py).
+ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
 def _optimizer(learning_rate: float, weight_decay: float) -> ml_collections.ConfigDict:
@@ -129,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # pretrain.epochs) and whether each residual branch's last BatchNorm starts at zero
     # (torchvision's zero_init_residual). Keyed only into that architecture's network.
     c.pretrain.per_arch = ml_collections.ConfigDict(
-        {arch: dict(epochs=0, zero_init_residual=False) for arch in models.ARCHS}
+        {arch: dict(epochs=0, zero_init_residual=False) for arch in ARCHS}
     )
 
     # Baselines beside the distilled student, in the same report.

@@ -152,6 +152,7 @@ def test_per_arch_pretraining_keys_count_only_where_that_architecture_pretrains(
         models.ARCHS
     )
     config = tiny.get_config()
+    assert set(config.pretrain.per_arch) == set(models.ARCHS)
     config.pretrain.enabled = True
     old = workdir.config_dict(config)
     del old["pretrain"]["per_arch"]
